@@ -1,0 +1,52 @@
+"""The `memcompile` torch.compile backend: validate options, capture, rewrite, run.
+
+torch.compile hands the backend a Dynamo graph and, at the first call of the compiled function,
+the user's `options`. The backend validates them, then `capture.compile_graph` takes the graph
+through AOTAutograd's joint graph, memcompile's passes and the partition to the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch.fx as fx
+
+from memcompile.config import Options
+from memcompile.errors import NotAvailableError, OptionsError
+
+
+def check_available(options: Options) -> None:
+    """Refuse, with a clear error, options whose feature memcompile does not have yet."""
+    if options.sequence_parallel:
+        raise NotAvailableError(
+            "memcompile option 'sequence_parallel': attention across devices is not available "
+            "yet; valid now: False"
+        )
+    if options.stream not in ("auto", False):
+        raise NotAvailableError(
+            "memcompile option 'stream': StreamBP is not available yet; valid now: 'auto' "
+            "(which leaves graphs unchanged until it is) or False"
+        )
+    if options.memory_budget not in ("auto", None):
+        raise NotAvailableError(
+            "memcompile option 'memory_budget': budgets in bytes or as a fraction need the "
+            "rematerialization planner, which is not available yet; valid now: 'auto' or None"
+        )
+
+
+def memcompile(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | Options | None = None,
+) -> Callable[..., Any]:
+    """The torch.compile backend: `torch.compile(model, backend="memcompile", options={...})`."""
+    from memcompile.capture import compile_graph
+
+    try:
+        opts = Options.from_mapping(options)
+    except OptionsError as e:
+        # Dynamo wraps backend errors and drops the chain; keep ours short and first.
+        raise OptionsError(e.key, str(e).split(": ", 1)[1]) from None
+    check_available(opts)
+    return compile_graph(gm, example_inputs, opts)

@@ -1,0 +1,58 @@
+"""Capture: a Dynamo graph to AOTAutograd's joint graph, memcompile's passes, and a runtime.
+
+With the eager runtime, memcompile drives AOTAutograd itself (`aot_autograd`), with its own
+partitioner and FX graphs run in Python. With the Inductor runtime, Inductor drives AOTAutograd
+and memcompile is its partitioner. Either way `MemcompilePartitioner` runs the passes on the
+joint graph and records what it did in a `GraphRecord`.
+
+Graphs without a backward (no input requires grad, or `torch.no_grad()`) have no joint graph:
+memcompile's passes are about training memory, so they run as captured, with a note saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+
+from memcompile.config import Options
+from memcompile.partition import MemcompilePartitioner
+from memcompile.report import GraphRecord, new_record
+from memcompile.runtime.eager import compile_eager
+from memcompile.runtime.inductor import compile_inductor
+
+log = logging.getLogger(__name__)
+
+_INFERENCE_NOTE = "no backward (no input requires grad): graph run as captured"
+
+
+def _inference_compiler(record: GraphRecord) -> Callable[..., Any]:
+    def compile_inference(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        record.kind = "inference"
+        record.notes.append(("capture", _INFERENCE_NOTE))
+        record.forward_code = gm.code
+        log.info("%s: %s", record.name, _INFERENCE_NOTE)
+        return compile_eager(gm, example_inputs)
+
+    return compile_inference
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
+    """Compile one Dynamo graph with memcompile's passes and the runtime the options name."""
+    record = new_record()
+    partitioner = MemcompilePartitioner(options, record)
+    log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
+             options.runtime)
+    if options.runtime == "inductor":
+        return compile_inductor(gm, example_inputs, partitioner)
+    backend = aot_autograd(
+        fw_compiler=compile_eager,
+        bw_compiler=compile_eager,
+        inference_compiler=_inference_compiler(record),
+        partition_fn=partitioner,
+        keep_inference_input_mutations=True,
+    )
+    return backend(gm, example_inputs)

@@ -1,0 +1,228 @@
+"""`memcompile.Options`: every option of the backend, typed, frozen and validated in one place.
+
+torch hands a backend its `options` only at the first call of the compiled function, so the
+backend calls `Options.from_mapping(options)` then; users may build `Options(**d)` earlier to
+validate up front. Either way an unknown key or a bad value raises `OptionsError` naming the key
+and listing what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from memcompile.errors import OptionsError
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BUDGET_VALID = (
+    '"auto", None, a float in (0, 1] (a fraction of the save-everything peak), '
+    'an int of bytes, or a string such as "1.5GiB"'
+)
+RUNTIMES = ("inductor", "eager")
+STREAM_DIMS = ("sequence", "batch")
+SP_SCHEDULES = ("balanced", "ring")
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a byte count such as ``"1.5GiB"``, ``"800MB"`` or ``"4096"`` into an int."""
+    match = _BYTES_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(
+            f"{text!r} is not a byte count; write a number and one of the units "
+            f"{', '.join(u for u in _BYTE_UNITS if u)} (for example '1.5GiB')"
+        )
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    """StreamBP chunking, normalized from `True` or a dict."""
+
+    chunk_size: int | Literal["auto"] = "auto"
+    """Tokens per chunk when re-running a layer in the backward; "auto" sizes it."""
+    logits_chunk_size: int | Literal["auto"] = "auto"
+    """Tokens per chunk of the LM head and loss; "auto" sizes it."""
+    dim: Literal["sequence", "batch"] = "sequence"
+    """The dimension chunked: the sequence, or the batch for a batch-coupled loss."""
+
+
+class _RejectUnknownKeys(type):
+    """Metaclass that turns an unknown keyword into an `OptionsError` listing the valid ones."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise OptionsError("<positional>", "Options takes keyword arguments only")
+        known = [f.name for f in fields(cls)]
+        for key in kwargs:
+            if key not in known:
+                raise OptionsError(key, f"unknown option; valid options: {', '.join(known)}")
+        return super().__call__(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options(metaclass=_RejectUnknownKeys):
+    """The options of the memcompile backend (`torch.compile(..., options={...})`).
+
+    `Options(**d)` validates at once and normalizes: byte strings become ints, a stream dict
+    becomes `StreamOptions`, pass lists become tuples.
+    """
+
+    memory_budget: float | int | str | None = "auto"
+    """Cap on the step's peak bytes above what is live at its start: a fraction of the
+    save-everything plan's peak, a byte count, None (least recompute) or "auto" (least peak
+    for at most one extra forward of recompute)."""
+    stream: bool | str | StreamOptions = "auto"
+    """StreamBP: "auto", True, False or a dict of `StreamOptions` fields."""
+    sequence_parallel: bool | Mapping[str, Any] = False
+    """Attention across the ranks of a torch.distributed group (not built yet)."""
+    passes: tuple[str, ...] | None = None
+    """The pipeline by pass name, in order; None runs the default pipeline."""
+    disable_passes: tuple[str, ...] = ()
+    """Pass names to skip."""
+    runtime: Literal["inductor", "eager"] = "inductor"
+    """ "inductor" compiles the rewritten graphs; "eager" runs them in Python, freeing each
+    tensor after its last use (the runtime whose live bytes the simulator predicts exactly)."""
+    dump_dir: str | None = None
+    """Directory for every graph before and after each pass, and the decisions."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = _CHECKS[f.name]
+            object.__setattr__(self, f.name, check(getattr(self, f.name)))
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | Options | None) -> Options:
+        """Build validated options from what torch.compile hands the backend."""
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise OptionsError(
+                "options", f"expected a dict of options, got {type(options).__name__}"
+            )
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with some fields changed, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_budget(value: Any) -> float | int | str | None:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise OptionsError("memory_budget", f"a bool is not a budget; valid: {_BUDGET_VALID}")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise OptionsError("memory_budget", f"{value} is outside (0, 1]; valid: {_BUDGET_VALID}")
+        return value
+    if isinstance(value, int):
+        if value <= 0:
+            raise OptionsError("memory_budget", f"{value} bytes is not positive; valid: {_BUDGET_VALID}")
+        return value
+    if isinstance(value, str):
+        try:
+            return _check_budget(parse_bytes(value))
+        except ValueError as e:
+            raise OptionsError("memory_budget", f"{e}; valid: {_BUDGET_VALID}") from None
+    raise OptionsError("memory_budget", f"got {value!r}; valid: {_BUDGET_VALID}")
+
+
+def _check_chunk(key: str, value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise OptionsError(f"stream.{key}", f"got {value!r}; valid: a positive int of tokens or 'auto'")
+
+
+def _check_stream(value: Any) -> bool | str | StreamOptions:
+    if isinstance(value, StreamOptions) or value in ("auto", True, False):
+        return value
+    if isinstance(value, Mapping):
+        known = [f.name for f in fields(StreamOptions)]
+        for key in value:
+            if key not in known:
+                raise OptionsError(f"stream.{key}", f"unknown key; valid keys: {', '.join(known)}")
+        dim = value.get("dim", "sequence")
+        if dim not in STREAM_DIMS:
+            raise OptionsError("stream.dim", f"got {dim!r}; valid: {', '.join(STREAM_DIMS)}")
+        return StreamOptions(
+            chunk_size=_check_chunk("chunk_size", value.get("chunk_size", "auto")),
+            logits_chunk_size=_check_chunk(
+                "logits_chunk_size", value.get("logits_chunk_size", "auto")
+            ),
+            dim=dim,
+        )
+    raise OptionsError(
+        "stream", f"got {value!r}; valid: 'auto', True, False, or a dict with keys "
+        "chunk_size, logits_chunk_size, dim"
+    )
+
+
+def _check_sequence_parallel(value: Any) -> bool | Mapping[str, Any]:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        for key in value:
+            if key not in ("group", "schedule"):
+                raise OptionsError(
+                    f"sequence_parallel.{key}", "unknown key; valid keys: group, schedule"
+                )
+        if value.get("schedule", "balanced") not in SP_SCHEDULES:
+            raise OptionsError(
+                "sequence_parallel.schedule",
+                f"got {value['schedule']!r}; valid: {', '.join(SP_SCHEDULES)}",
+            )
+        return dict(value)
+    raise OptionsError(
+        "sequence_parallel", f"got {value!r}; valid: False, True, or a dict with group, schedule"
+    )
+
+
+def _check_pass_names(key: str, value: Any, *, allow_none: bool) -> tuple[str, ...] | None:
+    from memcompile.passes.registry import pass_names
+
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise OptionsError(key, f"got {value!r}; valid: a list of pass names")
+    valid = pass_names()
+    for name in value:
+        if name not in valid:
+            raise OptionsError(key, f"unknown pass {name!r}; valid passes: {', '.join(valid)}")
+    return tuple(value)
+
+
+def _check_runtime(value: Any) -> str:
+    if value not in RUNTIMES:
+        raise OptionsError("runtime", f"got {value!r}; valid: {', '.join(RUNTIMES)}")
+    return value
+
+
+def _check_dump_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    raise OptionsError("dump_dir", f"got {value!r}; valid: None or a directory path")
+
+
+_CHECKS = {
+    "memory_budget": _check_budget,
+    "stream": _check_stream,
+    "sequence_parallel": _check_sequence_parallel,
+    "passes": lambda v: _check_pass_names("passes", v, allow_none=True),
+    "disable_passes": lambda v: _check_pass_names("disable_passes", v, allow_none=False),
+    "runtime": _check_runtime,
+    "dump_dir": _check_dump_dir,
+}

@@ -1,0 +1,170 @@
+"""`memcompile.measure`: the peak memory and time of a function, measured the same way for all.
+
+Three measures, each named in `Measurement.method`:
+
+- "cuda": the CUDA allocator's peak (`torch.cuda.max_memory_allocated`) above what was allocated
+  when `fn` started.
+- "allocator": the CPU allocator, seen through `torch.profiler` with `profile_memory=True`: the
+  running sum of its `[memory]` events (allocations +, frees -), in time order; its maximum is
+  the peak above what was live at the start. It sees every storage, Inductor's own buffers
+  included, and does not change what Dynamo compiles.
+- "tracked": live tensor bytes seen at the dispatcher: the storages that ops return (views and
+  in-place results excluded, by the op's schema), until they are freed. The memory simulator
+  equals it to the byte in the eager runtime. Its dispatch mode declares
+  `ignore_compile_internals`, so Dynamo still compiles under it (torch 2.13 otherwise skips the
+  frame, and keeps skipping it afterwards).
+
+`baseline_bytes` is what is live when `fn` starts: the CUDA allocator's count on GPU, else the
+bytes of distinct CPU storages reachable from Python objects.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+METHODS = ("auto", "allocator", "tracked", "cuda")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Peak bytes above the baseline while `fn` ran, the baseline, median seconds, the measure."""
+
+    peak_bytes: int
+    baseline_bytes: int
+    seconds: float
+    method: str
+
+
+def live_cpu_tensor_bytes() -> int:
+    """Bytes of the distinct CPU storages behind every tensor Python can reach now."""
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue  # sparse, fake or other tensors without a plain storage
+            seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+class TrackedLiveBytes(TorchDispatchMode):
+    """Counts bytes of storages returned by ops while they stay alive; keeps the peak."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Off while Dynamo and AOTAutograd trace, on while compiled code runs.
+        return True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
+        for schema_return, result in zip(returns, results):
+            if schema_return.alias_info is not None:
+                continue  # a view or an in-place result: no new storage
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        if key in self._tracked:
+            return
+        nbytes = storage.nbytes()
+        self._tracked.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._tracked.discard(key)
+        self.live -= nbytes
+
+
+def allocator_peak(fn: Callable[[], Any]) -> int:
+    """Peak CPU allocator bytes above the start while `fn` runs (profiler `[memory]` events)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    # The raw allocator events: FunctionEvent lists fold most of them into the ops they ran in.
+    events = sorted(
+        (e.start_ns(), i, e.nbytes())
+        for i, e in enumerate(prof.profiler.kineto_results.events())
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    running = peak = 0
+    for _, _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def tracked_peak(fn: Callable[[], Any]) -> int:
+    """Peak live tensor bytes above the start while `fn` runs, seen at the dispatcher."""
+    mode = TrackedLiveBytes()
+    with mode:
+        fn()
+    return mode.peak
+
+
+def cuda_peak(fn: Callable[[], Any]) -> int:
+    """Peak CUDA allocator bytes above the start while `fn` runs."""
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+_PEAK_FNS = {"allocator": allocator_peak, "tracked": tracked_peak, "cuda": cuda_peak}
+
+
+def measure(
+    fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 3, method: str = "auto"
+) -> Measurement:
+    """Measure `fn`'s peak memory above what is live when it starts, and its median time.
+
+    Runs `fn` `warmup` times (compilation happens there), once under the memory measure, then
+    `repeat` times unobserved for the time. `method`: "auto" (CUDA when available, else the
+    CPU allocator), "allocator", "tracked" or "cuda".
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown measure method {method!r}; valid: {', '.join(METHODS)}")
+    if method == "auto":
+        method = "cuda" if torch.cuda.is_available() else "allocator"
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    baseline = torch.cuda.memory_allocated() if method == "cuda" else live_cpu_tensor_bytes()
+    peak = _PEAK_FNS[method](fn)
+    times = []
+    for _ in range(repeat):
+        if method == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if method == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return Measurement(peak, baseline, statistics.median(times), method)

@@ -1,0 +1,115 @@
+"""From the joint graph to a forward and a backward graph, through memcompile's passes.
+
+AOTAutograd (eager runtime) or Inductor (inductor runtime) calls `MemcompilePartitioner` with the
+joint forward+backward graph. It runs the pass pipeline on it, splits it into forward and
+backward, and records what the split saved and what it recomputes as `Decision`s.
+
+The split honours `torch.utils.checkpoint` regions and selective-checkpoint tags (they arrive as
+`node.meta["recompute"]`); values outside them are saved or recomputed by torch's min-cut
+partitioner, which treats fusible pointwise ops as cheap to recompute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memcompile.analysis.memory import tensor_bytes
+from memcompile.config import Options
+from memcompile.meta import Decision, record_decision
+from memcompile.report import GraphRecord
+from memcompile.runner import run_passes
+
+log = logging.getLogger(__name__)
+
+PARTITION = "partition"
+"""The name decisions of the split carry in the report."""
+
+
+class MemcompilePartitioner(CustomPartitionerFn):
+    """Runs memcompile's passes on a joint graph, then splits it; fills a `GraphRecord`."""
+
+    def __init__(self, options: Options, record: GraphRecord):
+        self.options = options
+        self.record = record
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        kwargs.pop("compiler", None)
+        self.record.kind = "training"
+        self.record.num_user_outputs = kwargs["num_fwd_outputs"]
+        self.record.joint_before = gm.code
+        gm, self.record.passes = run_passes(
+            gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
+        )
+        forward_names = _forward_node_names(gm)
+        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
+        _record_split_decisions(gm, fw, bw, forward_names)
+        self.record.set_split(gm, fw, bw)
+        log.info(
+            "%s: forward %d nodes, backward %d nodes, %d saved, %d recomputed",
+            self.record.name, len(fw.graph.nodes), len(bw.graph.nodes),
+            len(self.record.decisions_of("saved")), len(self.record.decisions_of("recomputed")),
+        )
+        return fw, bw
+
+    def uuid(self) -> Any:
+        # Our passes record into the report and depend on options: never reuse a cached result.
+        return None
+
+
+def _flat_inputs(joint_inputs: Sequence[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for group in joint_inputs:
+        flat.extend(group if isinstance(group, (list, tuple)) else [group])
+    return flat
+
+
+def _forward_node_names(joint: fx.GraphModule) -> set[str]:
+    """Names of the joint graph's nodes that do not depend on a tangent: the forward."""
+    from_tangents: set[fx.Node] = set()
+    for node in joint.graph.nodes:
+        if (node.op == "placeholder" and "tangents" in node.name) or any(
+            a in from_tangents for a in node.all_input_nodes
+        ):
+            from_tangents.add(node)
+    return {n.name for n in joint.graph.nodes if n not in from_tangents and n.op != "output"}
+
+
+def _policy_reason(node: fx.Node) -> str | None:
+    policy = node.meta.get("recompute")
+    if policy in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
+        return f"inside a torch.utils.checkpoint region ({policy.name})"
+    if policy in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE):
+        return f"the model's selective checkpoint policy says {policy.name}"
+    return None
+
+
+def _record_split_decisions(
+    joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, forward_names: set[str]
+) -> None:
+    joint_nodes = {n.name: n for n in joint.graph.nodes}
+    for node in bw.graph.find_nodes(op="placeholder"):
+        source = joint_nodes.get(node.name)
+        if source is None or source.op == "placeholder" or "tangents" in node.name:
+            continue  # inputs and parameters are live anyway: saving them costs nothing
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        reason = _policy_reason(source) or "needed by the backward; min-cut keeps it saved"
+        record_decision(fw, Decision(PARTITION, "saved", node.name, tensor_bytes(node), reason))
+    for node in bw.graph.nodes:
+        if node.op == "call_function" and node.name in forward_names:
+            reason = _policy_reason(joint_nodes[node.name]) or (
+                "min-cut: cheaper to recompute in the backward than to save"
+            )
+            record_decision(
+                bw, Decision(PARTITION, "recomputed", node.name, tensor_bytes(node), reason)
+            )
