@@ -20,11 +20,14 @@ bytes of distinct CPU storages reachable from Python objects.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import statistics
+import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,11 +102,32 @@ class TrackedLiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side prints a line at each start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def allocator_peak(fn: Callable[[], Any]) -> int:
     """Peak CPU allocator bytes above the start while `fn` runs (profiler `[memory]` events)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    )
+    with _quiet_stderr():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     # The raw allocator events: FunctionEvent lists fold most of them into the ops they ran in.
     events = sorted(
         (e.start_ns(), i, e.nbytes())

@@ -21,7 +21,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch.utils.checkpoint import CheckpointPolicy
 
-from memcompile.analysis.memory import tensor_bytes
+from memcompile.analysis.memory import new_bytes, tensor_bytes
 from memcompile.config import Options
 from memcompile.meta import Decision, record_decision
 from memcompile.report import GraphRecord
@@ -97,19 +97,26 @@ def _record_split_decisions(
     joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, forward_names: set[str]
 ) -> None:
     joint_nodes = {n.name: n for n in joint.graph.nodes}
+    first_saver: dict[int, str] = {}  # storage -> the saved value whose decision counts its bytes
     for node in bw.graph.find_nodes(op="placeholder"):
         source = joint_nodes.get(node.name)
+        val = node.meta.get("val")
         if source is None or source.op == "placeholder" or "tangents" in node.name:
             continue  # inputs and parameters are live anyway: saving them costs nothing
-        if not isinstance(node.meta.get("val"), torch.Tensor):
+        if not isinstance(val, torch.Tensor):
             continue
         reason = _policy_reason(source) or "needed by the backward; min-cut keeps it saved"
-        record_decision(fw, Decision(PARTITION, "saved", node.name, tensor_bytes(node), reason))
+        key = val.untyped_storage()._cdata
+        if key in first_saver:
+            reason += f" (shares its storage with {first_saver[key]})"
+        nbytes = 0 if key in first_saver else tensor_bytes(node)
+        first_saver.setdefault(key, node.name)
+        record_decision(fw, Decision(PARTITION, "saved", node.name, nbytes, reason))
     for node in bw.graph.nodes:
-        if node.op == "call_function" and node.name in forward_names:
+        if node.op == "call_function" and node.name in forward_names and new_bytes(node) > 0:
             reason = _policy_reason(joint_nodes[node.name]) or (
                 "min-cut: cheaper to recompute in the backward than to save"
             )
             record_decision(
-                bw, Decision(PARTITION, "recomputed", node.name, tensor_bytes(node), reason)
+                bw, Decision(PARTITION, "recomputed", node.name, new_bytes(node), reason)
             )

@@ -78,3 +78,128 @@ def recording() -> Iterator[list[GraphRecord]]:
         yield sink
     finally:
         _active_recorders.remove(sink)
+
+
+TEXT_DECISIONS = 12
+"""How many decisions per graph the text shows, largest first."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+@dataclass
+class Report:
+    """What `memcompile.explain` found: the graphs, their decisions, simulated and measured peaks.
+
+    `str(report)` is the text a user reads; `report.plot(path)` writes the memory timeline.
+    """
+
+    records: list[GraphRecord]
+    options: Any
+    measured: dict[str, int] = field(default_factory=dict)
+    """Measured peaks by measure name ("allocator", "tracked"), bytes above the step's start."""
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every decision of every graph, in order."""
+        return [d for r in self.records for d in r.decisions]
+
+    @property
+    def graphs(self) -> dict[str, dict[str, str]]:
+        """Code of each graph by stage: the joint graph before and after each pass, the split."""
+        out: dict[str, dict[str, str]] = {}
+        for r in self.records:
+            stages = {"joint": r.joint_before}
+            stages.update({f"after {p.name}": p.code_after for p in r.passes})
+            stages.update(forward=r.forward_code, backward=r.backward_code)
+            out[r.name] = stages
+        return out
+
+    @property
+    def simulated_peak_bytes(self) -> int | None:
+        """The largest simulated step peak over the training graphs (None if there are none)."""
+        sims = [s for s in (r.simulate() for r in self.records) if s is not None]
+        return max((s.peak_bytes for s in sims), default=None)
+
+    def __str__(self) -> str:
+        lines = [f"memcompile report: {len(self.records)} graph(s), runtime={self.options.runtime}"]
+        for r in self.records:
+            lines += _graph_lines(r)
+        peak = self.simulated_peak_bytes
+        measured = ", ".join(f"{k} {v:,} B" for k, v in self.measured.items()) or "not measured"
+        lines.append(f"peak above the step's start: simulated "
+                     f"{'n/a' if peak is None else f'{peak:,} B'}; measured {measured}")
+        if len(self.records) > 1:
+            lines.append("(graphs are simulated one at a time; eager code between them is not)")
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> str:
+        """Write a PNG of the simulated live bytes over each training graph's step; return path."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        sims = [(r.name, r.simulate()) for r in self.records if r.kind == "training"]
+        fig, axes = plt.subplots(len(sims) or 1, 1, figsize=(10, 3.2 * max(len(sims), 1)),
+                                 squeeze=False)
+        for ax, (name, sim) in zip(axes[:, 0], sims):
+            _plot_timeline(ax, name, sim, self.measured)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _graph_lines(r: GraphRecord) -> list[str]:
+    lines = [f"\n{r.name} ({r.kind})"]
+    if r.forward is not None and r.backward is not None:
+        lines.append(f"  forward {len(r.forward.graph.nodes)} nodes, "
+                     f"backward {len(r.backward.graph.nodes)} nodes")
+    for p in r.passes:
+        diff = ", ".join(f"{op} {n:+d}" for op, n in p.op_diff.items()) or "no change"
+        lines.append(f"  pass {p.name}: {p.seconds * 1e3:.1f} ms, {diff}")
+    for pass_name, text in r.notes:
+        lines.append(f"  note ({pass_name}): {text}")
+    for kind in ("saved", "recomputed", "chunked", "offloaded", "sharded", "removed"):
+        ds = r.decisions_of(kind)
+        if ds:
+            lines.append(f"  {kind}: {len(ds)} tensor(s), {_mib(sum(d.bytes for d in ds))}")
+    if r.decisions:
+        # The largest decisions are the ones worth reading; all of them are in report.decisions.
+        largest = sorted(r.decisions, key=lambda d: -d.bytes)[:TEXT_DECISIONS]
+        lines.append(f"  {'decision':<11}{'bytes':>14}  {'node':<28}reason")
+        for d in largest:
+            lines.append(f"  {d.kind:<11}{d.bytes:>14,}  {d.node:<28}{d.reason}")
+        if len(r.decisions) > len(largest):
+            lines.append(f"  ... {len(r.decisions) - len(largest)} smaller decisions "
+                         "(report.decisions lists all)")
+    sim = r.simulate()
+    if sim is not None and sim.peak_event is not None:
+        e = sim.peak_event
+        lines.append(f"  simulated peak {sim.peak_bytes:,} B ({_mib(sim.peak_bytes)}) at "
+                     f"{e.phase} {e.node}; {sim.saved_bytes:,} B live between forward and backward")
+    return lines
+
+
+def _plot_timeline(ax: Any, name: str, sim: MemorySimulation, measured: dict[str, int]) -> None:
+    xs = list(range(len(sim.events)))
+    ys = [e.live_bytes / 2**20 for e in sim.events]
+    ax.plot(xs, ys, color="tab:blue", lw=1.2, label="simulated live bytes")
+    first_bw = next((i for i, e in enumerate(sim.events) if e.phase != "forward"), len(xs))
+    ax.axvspan(0, first_bw, color="tab:green", alpha=0.08, label="forward")
+    ax.axvspan(first_bw, len(xs), color="tab:orange", alpha=0.08, label="backward")
+    peak = sim.peak_event
+    if peak is not None:
+        i = sim.events.index(peak)
+        ax.annotate(f"peak {peak.live_bytes / 2**20:.2f} MiB\n{peak.node}", (i, ys[i]),
+                    textcoords="offset points", xytext=(8, -24), fontsize=8)
+    for k, v in measured.items():
+        ax.axhline(v / 2**20, ls="--", lw=0.8, color="gray")
+        ax.text(len(xs) / 2, v / 2**20, f"measured ({k})", fontsize=7, va="bottom",
+                color="gray")
+    ax.set_title(f"{name}: live bytes above the step's start")
+    ax.set_xlabel("op in the forward-then-backward schedule")
+    ax.set_ylabel("MiB")
+    ax.legend(loc="lower right", fontsize=7)

@@ -63,6 +63,14 @@ def tensor_bytes(node: fx.Node, sizes: Sizes = None) -> int:
     return sum(storage_bytes(t, sizes) for t in _tensors(node.meta.get("val")))
 
 
+def new_bytes(node: fx.Node, sizes: Sizes = None) -> int:
+    """Bytes of the storages a node allocates: its outputs less those that alias an input."""
+    inputs = {_storage_key(t) for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))}
+    fresh = {_storage_key(t): storage_bytes(t, sizes)
+             for t in _tensors(node.meta.get("val")) if _storage_key(t) not in inputs}
+    return sum(fresh.values())
+
+
 @dataclass(frozen=True)
 class MemoryEvent:
     """The live bytes right after one node ran (before anything it let go was freed)."""
