@@ -13,7 +13,7 @@ from typing import Any
 import torch.fx as fx
 
 from memcompile.config import Options
-from memcompile.errors import NotAvailableError, OptionsError
+from memcompile.errors import NotAvailableError
 
 
 def check_available(options: Options) -> None:
@@ -43,10 +43,8 @@ def memcompile(
     """The torch.compile backend: `torch.compile(model, backend="memcompile", options={...})`."""
     from memcompile.capture import compile_graph
 
-    try:
-        opts = Options.from_mapping(options)
-    except OptionsError as e:
-        # Dynamo wraps backend errors and drops the chain; keep ours short and first.
-        raise OptionsError(e.key, str(e).split(": ", 1)[1]) from None
+    # Dynamo wraps what a backend raises as "backend='memcompile' raised: OptionsError: ...",
+    # the last line of the traceback: the message names the key and what is valid.
+    opts = Options.from_mapping(options)
     check_available(opts)
     return compile_graph(gm, example_inputs, opts)

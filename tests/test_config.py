@@ -1,0 +1,99 @@
+"""memcompile.Options: validation at construction, normalization, and the error messages."""
+
+import pytest
+
+from memcompile import Options, OptionsError, StreamOptions
+from memcompile.config import parse_bytes
+
+
+def test_defaults_follow_the_design_table():
+    o = Options()
+    assert o.memory_budget == "auto"
+    assert o.stream == "auto"
+    assert o.sequence_parallel is False
+    assert o.passes is None and o.disable_passes == ()
+    assert o.runtime == "inductor" and o.dump_dir is None
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1.5GiB", 3 * 2**29), ("800MB", 800 * 10**6), ("4096", 4096), ("2 KiB", 2048),
+])
+def test_byte_strings_parse(text, expected):
+    assert parse_bytes(text) == expected
+    assert Options(memory_budget=text).memory_budget == expected
+
+
+@pytest.mark.parametrize("budget", ["auto", None, 0.5, 1.0, 1, 10**9])
+def test_valid_budgets_are_kept(budget):
+    assert Options(memory_budget=budget).memory_budget == budget
+
+
+@pytest.mark.parametrize("budget,fragment", [
+    (True, "a bool is not a budget"), (0.0, "outside (0, 1]"), (1.5, "outside (0, 1]"),
+    (-3, "not positive"), ("lots", "not a byte count"), ("3 parsecs", "not a byte count"),
+    ([1], "got [1]"),
+])
+def test_bad_budgets_name_the_key_and_the_valid_values(budget, fragment):
+    with pytest.raises(OptionsError) as e:
+        Options(memory_budget=budget)
+    message = str(e.value)
+    assert message.startswith("memcompile option 'memory_budget'")
+    assert fragment in message and '"1.5GiB"' in message
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(OptionsError) as e:
+        Options(memory_budgt=0.5)
+    assert "'memory_budgt': unknown option; valid options: memory_budget, stream" in str(e.value)
+
+
+def test_positional_arguments_are_refused():
+    with pytest.raises(OptionsError, match="keyword arguments only"):
+        Options("eager")
+
+
+def test_stream_dict_becomes_stream_options():
+    o = Options(stream={"chunk_size": 1024, "logits_chunk_size": 256})
+    assert o.stream == StreamOptions(chunk_size=1024, logits_chunk_size=256, dim="sequence")
+
+
+@pytest.mark.parametrize("stream,key", [
+    ({"chunk": 3}, "stream.chunk"), ({"chunk_size": 0}, "stream.chunk_size"),
+    ({"dim": "time"}, "stream.dim"), ("yes", "stream"),
+])
+def test_bad_stream_values(stream, key):
+    with pytest.raises(OptionsError, match=f"memcompile option '{key}'"):
+        Options(stream=stream)
+
+
+def test_pass_names_are_checked_against_the_registry():
+    assert Options(passes=["remove_noops"]).passes == ("remove_noops",)
+    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops"):
+        Options(disable_passes=["nope"])
+    with pytest.raises(OptionsError, match="a list of pass names"):
+        Options(passes="remove_noops")
+
+
+def test_runtime_and_sequence_parallel_and_dump_dir():
+    with pytest.raises(OptionsError, match="valid: inductor, eager"):
+        Options(runtime="tvm")
+    with pytest.raises(OptionsError, match="valid: balanced, ring"):
+        Options(sequence_parallel={"schedule": "zigzag"})
+    with pytest.raises(OptionsError, match="None or a directory path"):
+        Options(dump_dir=3)
+
+
+def test_options_are_frozen_and_replace_validates():
+    o = Options(runtime="eager")
+    with pytest.raises(AttributeError):
+        o.runtime = "inductor"
+    assert o.replace(runtime="inductor").runtime == "inductor"
+    with pytest.raises(OptionsError):
+        o.replace(runtime="jit")
+
+
+def test_from_mapping():
+    assert Options.from_mapping(None) == Options()
+    assert Options.from_mapping({"runtime": "eager"}).runtime == "eager"
+    with pytest.raises(OptionsError, match="expected a dict of options"):
+        Options.from_mapping(["runtime"])
