@@ -20,7 +20,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from memcompile.config import Options
 from memcompile.partition import MemcompilePartitioner
-from memcompile.report import GraphRecord, new_record
+from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runtime.eager import compile_eager
 from memcompile.runtime.inductor import compile_inductor
 
@@ -46,13 +46,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     partitioner = MemcompilePartitioner(options, record)
     log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
              options.runtime)
-    if options.runtime == "inductor":
-        return compile_inductor(gm, example_inputs, partitioner)
-    backend = aot_autograd(
-        fw_compiler=compile_eager,
-        bw_compiler=compile_eager,
-        inference_compiler=_inference_compiler(record),
-        partition_fn=partitioner,
-        keep_inference_input_mutations=True,
-    )
-    return backend(gm, example_inputs)
+    try:
+        if options.runtime == "inductor":
+            compiled = compile_inductor(gm, example_inputs, partitioner)
+        else:
+            backend = aot_autograd(
+                fw_compiler=compile_eager,
+                bw_compiler=compile_eager,
+                inference_compiler=_inference_compiler(record),
+                partition_fn=partitioner,
+                keep_inference_input_mutations=True,
+            )
+            compiled = backend(gm, example_inputs)
+    except BaseException:
+        discard_record(record)
+        raise
+    if record.kind == "pending":
+        # Inductor compiled it without calling the partitioner: there was no backward.
+        record.kind = "inference"
+    return compiled

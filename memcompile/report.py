@@ -27,8 +27,9 @@ class GraphRecord:
     """One captured graph: the passes run on it, the split, the decisions, the simulation."""
 
     name: str
-    kind: str = "inference"
-    """ "training" (a joint graph split in two) or "inference" (no backward)."""
+    kind: str = "pending"
+    """ "training" (a joint graph split in two), "inference" (no backward), or "pending"
+    while it compiles."""
     joint_before: str = ""
     joint_after: str = ""
     forward_code: str = ""
@@ -61,12 +62,19 @@ class GraphRecord:
                              num_user_outputs=self.num_user_outputs, sizes=sizes)
 
 
-def new_record(kind: str = "training") -> GraphRecord:
+def new_record() -> GraphRecord:
     """A record for the next compiled graph, handed to every active `recording()`."""
-    record = GraphRecord(name=f"graph_{next(_graph_ids)}", kind=kind)
+    record = GraphRecord(name=f"graph_{next(_graph_ids)}")
     for sink in _active_recorders:
         sink.append(record)
     return record
+
+
+def discard_record(record: GraphRecord) -> None:
+    """Forget a record whose compilation did not finish (Dynamo restarts some compilations)."""
+    for sink in _active_recorders:
+        if record in sink:
+            sink.remove(record)
 
 
 @contextlib.contextmanager
