@@ -16,6 +16,7 @@ from memcompile.errors import (
     OptionsError,
     PassError,
 )
+from memcompile.explainer import explain
 from memcompile.measure import Measurement, measure
 from memcompile.meta import Decision
 
@@ -42,13 +43,6 @@ def _register_backend() -> None:
     from memcompile.backend import memcompile
 
     registry.register_backend(memcompile, name=BACKEND_NAME)
-
-
-def explain(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-    """See `memcompile.explain.explain`."""
-    from memcompile.explain import explain as _explain
-
-    return _explain(*args, **kwargs)
 
 
 _register_backend()
