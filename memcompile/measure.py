@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,13 +52,18 @@ class Measurement:
 def live_cpu_tensor_bytes() -> int:
     """Bytes of the distinct CPU storages behind every tensor Python can reach now."""
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
-            try:
-                storage = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                continue  # sparse, fake or other tensors without a plain storage
-            seen[storage._cdata] = storage.nbytes()
+    with warnings.catch_warnings():
+        # isinstance() on some deprecated torch objects found by gc warns; they are not tensors.
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for t in tensors:
+        if t.device.type != "cpu" or t.is_meta:
+            continue
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue  # sparse, fake or other tensors without a plain storage
+        seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 
 
