@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -49,15 +50,24 @@ class Measurement:
     method: str
 
 
+def _is_tensor(obj: object) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except ReferenceError:  # a weakref proxy whose referent is gone
+        return False
+
+
 def live_cpu_tensor_bytes() -> int:
     """Bytes of the distinct CPU storages behind every tensor Python can reach now."""
     seen: dict[int, int] = {}
     with warnings.catch_warnings():
         # isinstance() on some deprecated torch objects found by gc warns; they are not tensors.
         warnings.simplefilter("ignore")
-        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        tensors = [o for o in gc.get_objects() if _is_tensor(o)]
     for t in tensors:
-        if t.device.type != "cpu" or t.is_meta:
+        # Dynamo and AOTAutograd keep FakeTensors in their caches: they claim a CPU device but
+        # own no memory.
+        if t.device.type != "cpu" or t.is_meta or isinstance(t, FakeTensor):
             continue
         try:
             storage = t.untyped_storage()
