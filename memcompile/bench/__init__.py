@@ -1,0 +1,66 @@
+"""`memcompile bench`: peak memory and step time of one training step, side by side with the peers.
+
+    memcompile bench --model small --seq-lens 512,1024,2048 \\
+        --modes eager,checkpoint,inductor,budget_0.5,budget_0.0,memcompile \\
+        --options '{"runtime": "inductor"}' --out bench_out
+
+Every (mode, sequence length) runs in a fresh Python process (`python -m memcompile.bench
+--worker SPEC`), so no configuration inherits another's compiled code, allocator caches or
+Dynamo state, and an out-of-memory kill or a crash costs one row, not the whole bench. Each
+worker builds the model with a fixed seed, runs one warm-up step (timed alone: that is where
+compilation happens), then `memcompile.measure`: the CPU allocator's peak through
+`torch.profiler` (or the CUDA allocator's on a GPU) above what is live when the step starts, and
+the median time of `--repeat` unprofiled steps. One step is forward, `.loss`, `.backward()`, then
+`zero_grad(set_to_none=True)`, so every step starts from the same state: weights live, no
+gradients.
+
+Modes:
+
+- `eager`: the plain module.
+- `checkpoint`: eager with per-layer activation checkpointing (non-reentrant).
+- `inductor`: `torch.compile(model)` with its defaults.
+- `budget_<f>`: `torch.compile(model)` with `torch._functorch.config.activation_memory_budget = f`
+  for the whole run (`budget_0.5`, `budget_0.0`, any float in [0, 1]).
+- `memcompile`: `torch.compile(model, backend="memcompile", options=<--options>)`.
+
+Outputs in `--out`: `results.json` (every row and the command), `bench.md` (the table, also
+printed) and `bench.png` (peak and step time against tokens).
+
+Modules: `args` (the command line), `worker` (one configuration, in its own process), `launch`
+(the driver and the command's entry), `results` (slope, table, markdown, plot).
+"""
+
+from __future__ import annotations
+
+from memcompile.bench.args import (
+    DEFAULT_MODES,
+    add_bench_parser,
+    budget_of,
+    format_command,
+    parse_model,
+    parse_modes,
+    parse_options,
+    parse_seq_lens,
+)
+from memcompile.bench.launch import _last_json_line, main, run_bench_command, run_config
+from memcompile.bench.results import fit_slope, render_markdown, render_table
+from memcompile.bench.worker import worker_main
+
+__all__ = [
+    "DEFAULT_MODES",
+    "_last_json_line",  # private, read by the tests
+    "add_bench_parser",
+    "budget_of",
+    "fit_slope",
+    "format_command",
+    "main",
+    "parse_model",
+    "parse_modes",
+    "parse_options",
+    "parse_seq_lens",
+    "render_markdown",
+    "render_table",
+    "run_bench_command",
+    "run_config",
+    "worker_main",
+]

@@ -1,0 +1,224 @@
+"""The bench's command line: parsing and checking each argument, the `bench` subparser, and the
+command line that reproduces a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile")
+DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
+VALID_MODES_TEXT = (
+    "eager, checkpoint, inductor, memcompile, budget_<float in [0, 1]> (e.g. budget_0.5)"
+)
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+_BUDGET_RE = re.compile(r"^budget_(.+)$")
+
+
+def parse_seq_lens(text: str) -> list[int]:
+    """Parse ``"512,1024,2048"`` into positive, distinct ints; raise `ValueError` otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise ValueError(
+            f"bad --seq-lens {text!r}: write positive integers separated by commas, e.g. 512,1024"
+        )
+    lens = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(
+                f"bad sequence length {part!r} in {text!r}: valid are positive integers, "
+                "separated by commas, e.g. 512,1024"
+            ) from None
+        if value <= 0:
+            raise ValueError(f"bad sequence length {value} in {text!r}: it must be positive")
+        lens.append(value)
+    if len(set(lens)) != len(lens):
+        raise ValueError(f"bad --seq-lens {text!r}: a length appears twice")
+    return lens
+
+
+def budget_of(mode: str) -> float | None:
+    """The activation memory budget of a `budget_<f>` mode, or None for any other mode."""
+    match = _BUDGET_RE.match(mode)
+    if match is None:
+        return None
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def parse_modes(text: str) -> list[str]:
+    """Parse a comma-separated list of modes; raise `ValueError` naming a bad one."""
+    modes = [m.strip() for m in text.split(",")]
+    if not text.strip() or any(not m for m in modes):
+        raise ValueError(f"bad --modes {text!r}: write mode names separated by commas; "
+                         f"valid modes: {VALID_MODES_TEXT}")
+    for mode in modes:
+        if mode not in FIXED_MODES and budget_of(mode) is None:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {VALID_MODES_TEXT}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"bad --modes {text!r}: a mode appears twice")
+    return modes
+
+
+def _parse_override_value(text: str) -> Any:
+    """An override's value: an int, a float, true/false/none, else the string itself."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_model(text: str) -> dict[str, Any]:
+    """Parse ``--model``: a preset name, or ``hf:<arch>[:key=value,...]``.
+
+    Returns ``{"kind": "preset", "name": ...}`` or
+    ``{"kind": "hf", "arch": ..., "overrides": {...}}``; raises `ValueError` listing what is valid.
+    """
+    from memcompile.models import HF_ARCHS, PRESETS
+
+    valid = (f"a preset ({', '.join(PRESETS)}) or hf:<arch> with arch one of "
+             f"{', '.join(HF_ARCHS)}, optionally hf:<arch>:key=value,... "
+             "(e.g. hf:llama:hidden_size=512,num_hidden_layers=4)")
+    if not text.startswith("hf:"):
+        if text not in PRESETS:
+            raise ValueError(f"unknown model {text!r}; valid: {valid}")
+        return {"kind": "preset", "name": text}
+    arch, _, rest = text[3:].partition(":")
+    if arch not in HF_ARCHS:
+        raise ValueError(f"unknown Hugging Face arch {arch!r} in {text!r}; valid: {valid}")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier() or not value.strip():
+            raise ValueError(f"bad config override {item!r} in {text!r}: write key=value; "
+                             f"valid: {valid}")
+        overrides[key] = _parse_override_value(value.strip())
+    return {"kind": "hf", "arch": arch, "overrides": overrides}
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """Parse ``--options`` as a JSON object of memcompile options, validated by `Options`."""
+    from memcompile.config import Options
+
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--options is not valid JSON ({e}): {text!r}; write a JSON object, "
+                         'e.g. \'{"runtime": "inductor"}\'') from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {type(options).__name__}: "
+                         f"{text!r}; e.g. '{{\"runtime\": \"inductor\"}}'")
+    Options(**options)  # OptionsError (a ValueError) names the bad key and lists the valid ones
+    return options
+
+
+def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a parser's `ValueError` into argparse's error, so its message reaches the user."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer; valid: a positive integer") from None
+    if value <= 0:
+        raise ValueError(f"{value} is not positive; valid: a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; valid: a positive number") from None
+    if not value > 0:
+        raise ValueError(f"{value} is not positive; valid: a positive number of seconds")
+    return value
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `bench` subcommand to an argparse subparsers object; returns its parser.
+
+    The caller runs ``args.func(args)`` after parsing; `run_bench_command` is that function.
+    """
+    # Imported when called: launch imports this module (format_command), so importing launch at
+    # the top would make the two modules import each other.
+    from memcompile.bench.launch import run_bench_command
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="peak memory and step time of training steps, memcompile against the peers",
+        description=(
+            "Measure one training step (forward, loss, backward) per mode and sequence length, "
+            "each in a fresh process: the allocator peak above what is live at the step's start "
+            "(CPU allocator through torch.profiler, or CUDA's), and the median step time. "
+            f"Modes: {VALID_MODES_TEXT}."
+        ),
+    )
+    parser.add_argument("--model", required=True, type=_argtype(parse_model),
+                        help="preset (tiny, small, wide) or hf:<arch>[:key=value,...]")
+    parser.add_argument("--seq-lens", required=True, type=_argtype(parse_seq_lens),
+                        help="comma-separated sequence lengths, e.g. 512,1024,2048")
+    parser.add_argument("--modes", type=_argtype(parse_modes), default=list(DEFAULT_MODES),
+                        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})")
+    parser.add_argument("--options", type=_argtype(parse_options), default={},
+                        help="JSON object of memcompile options for the memcompile mode")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--batch-size", type=_argtype(_positive_int), default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--repeat", type=_argtype(_positive_int), default=3,
+                        help="timed steps whose median is reported (default 3)")
+    parser.add_argument("--timeout", type=_argtype(_positive_float), default=900.0,
+                        help="seconds allowed per configuration (default 900)")
+    parser.add_argument("--jobs", type=_argtype(_positive_int), default=1,
+                        help="configurations run side by side (default 1). Peaks are unaffected "
+                             "(each process measures its own allocator) but step times compete "
+                             "for cores: keep 1 for timings you report")
+    parser.set_defaults(func=run_bench_command)
+    return parser
+
+
+def format_command(args: argparse.Namespace) -> str:
+    """The `memcompile bench ...` command line that reproduces this run."""
+    parts = ["memcompile", "bench", "--model", _model_text(args.model),
+             "--seq-lens", ",".join(map(str, args.seq_lens)), "--modes", ",".join(args.modes)]
+    if args.options:
+        parts += ["--options", json.dumps(args.options)]
+    parts += ["--out", str(args.out), "--batch-size", str(args.batch_size),
+              "--dtype", args.dtype, "--device", args.device, "--repeat", str(args.repeat),
+              "--timeout", f"{args.timeout:g}"]
+    if getattr(args, "jobs", 1) != 1:
+        parts += ["--jobs", str(args.jobs)]
+    return shlex.join(parts)
+
+
+def _model_text(model: Mapping[str, Any]) -> str:
+    if model["kind"] == "preset":
+        return model["name"]
+    overrides = ",".join(f"{k}={v}" for k, v in model["overrides"].items())
+    return f"hf:{model['arch']}" + (f":{overrides}" if overrides else "")

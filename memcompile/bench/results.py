@@ -1,0 +1,185 @@
+"""The bench's results: slope of peak against tokens, the table, `bench.md`, `bench.png`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MODE = "checkpoint"
+_MIB = 2**20
+_KIB = 2**10
+
+
+def fit_slope(tokens: Sequence[float], peaks: Sequence[float]) -> float | None:
+    """Least-squares slope of `peaks` against `tokens` (bytes per token); None below 2 lengths."""
+    if len(tokens) != len(peaks):
+        raise ValueError(f"{len(tokens)} token counts but {len(peaks)} peaks")
+    if len(set(tokens)) < 2:
+        return None
+    mean_x, mean_y = statistics.fmean(tokens), statistics.fmean(peaks)
+    sxx = sum((x - mean_x) ** 2 for x in tokens)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(tokens, peaks))
+    return sxy / sxx
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], seq_lens: Sequence[int],
+              modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per mode: peak bytes per length (None where failed), slope, and time at the longest length.
+
+    Ratios against `checkpoint` are added when that mode is among `modes`.
+    """
+    longest = max(seq_lens)
+    summaries = []
+    for mode in modes:
+        ok = {r["seq_len"]: r for r in rows if r["mode"] == mode and r.get("ok")}
+        points = sorted((ok[s]["tokens"], ok[s]["peak_bytes"]) for s in seq_lens if s in ok)
+        summaries.append({
+            "mode": mode,
+            "peaks": {s: (ok[s]["peak_bytes"] if s in ok else None) for s in seq_lens},
+            "slope": fit_slope([p[0] for p in points], [p[1] for p in points]),
+            "seconds": ok[longest]["seconds"] if longest in ok else None,
+            "first_step_seconds": ok[longest].get("first_step_seconds") if longest in ok else None,
+        })
+    ref = next((s for s in summaries if s["mode"] == REFERENCE_MODE), None)
+    if ref is not None:
+        for s in summaries:
+            s["slope_ratio"] = _ratio(s["slope"], ref["slope"])
+            s["time_ratio"] = _ratio(s["seconds"], ref["seconds"])
+    return summaries
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference <= 0:
+        return None
+    return value / reference
+
+
+def _fmt(value: float | None, *, ratio: bool = False) -> str:
+    """Numbers to read at a glance: more decimals for small values; an em dash for none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if ratio:
+        return f"{value:.2f}"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], *, seq_lens: Sequence[int] | None = None,
+                 modes: Sequence[str] | None = None) -> str:
+    """The markdown table: one row per mode; peaks in MiB, slope in KiB/token, ratios.
+
+    `seq_lens` and `modes` default to those in `rows`, modes in first-seen order.
+    """
+    seq_lens = sorted(seq_lens or {r["seq_len"] for r in rows})
+    modes = list(modes or dict.fromkeys(r["mode"] for r in rows))
+    summaries = summarize(rows, seq_lens, modes)
+    with_ratios = REFERENCE_MODE in modes
+    longest = seq_lens[-1]
+    header = (["mode"] + [f"peak MiB @{s}" for s in seq_lens]
+              + ["KiB/token", f"step s @{longest}", f"first step s @{longest}"])
+    if with_ratios:
+        header += [f"slope / {REFERENCE_MODE}", f"time / {REFERENCE_MODE}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        cells = [f"`{s['mode']}`"]
+        cells += [_fmt(None if p is None else p / _MIB) for p in s["peaks"].values()]
+        cells += [_fmt(None if s["slope"] is None else s["slope"] / _KIB),
+                  _fmt(s["seconds"]), _fmt(s["first_step_seconds"])]
+        if with_ratios:
+            cells += [_fmt(s["slope_ratio"], ratio=True), _fmt(s["time_ratio"], ratio=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """`bench.md`: a header with the command, model, dtype, device, measure and date; the table;
+    the failed configurations with their errors."""
+    rows = results["rows"]
+    first_ok = next((r for r in rows if r.get("ok")), {})
+    method = first_ok.get("method", "?")
+    measure = {"allocator": "CPU allocator peak (torch.profiler [memory] events)",
+               "cuda": "CUDA allocator peak"}.get(method, method)
+    weights = first_ok.get("param_bytes")
+    lines = [
+        "# memcompile bench",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"Model `{results['model']}`, {results['dtype']}, batch {results['batch_size']}; "
+        f"device {first_ok.get('device_name', first_ok.get('device', '?'))}; "
+        f"measure: {measure}; torch {first_ok.get('torch_version', '?')}; {results['date']}.",
+        "",
+        "Peak: the most bytes live during one step (forward, loss, backward) above what is "
+        "live when it starts (the weights"
+        + (f", {weights / _MIB:.2f} MiB," if weights is not None else "")
+        + " and the batch; no gradients). Step time: median of "
+        f"{results['repeat']} steps after warm-up; first step: the compile step, timed alone. "
+        "KiB/token: least-squares slope of peak against tokens (batch × length).",
+        "",
+    ]
+    if results.get("jobs", 1) > 1:
+        lines += [f"Ran {results['jobs']} configurations side by side: the peaks are unaffected, "
+                  "the step times competed for cores.", ""]
+    lines += [
+        render_table(rows, seq_lens=results["seq_lens"], modes=results["modes"]),
+    ]
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        lines += ["", "Failed configurations:", ""]
+        lines += [f"- `{r['mode']}` at {r['seq_len']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: Mapping[str, Any], path: Path) -> bool:
+    """Write `bench.png`: peak MiB and step time against tokens, one line per mode.
+
+    Returns False (and logs why) when matplotlib is missing or nothing succeeded.
+    """
+    try:
+        from matplotlib.figure import Figure  # the Agg canvas, no global pyplot state
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping %s", path)
+        return False
+    rows = [r for r in results["rows"] if r.get("ok")]
+    if not rows:
+        log.warning("no configuration succeeded; skipping %s", path)
+        return False
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    mem_ax, time_ax = fig.subplots(1, 2)
+    for mode in results["modes"]:
+        points = sorted((r["tokens"], r["peak_bytes"], r["seconds"])
+                        for r in rows if r["mode"] == mode)
+        if not points:
+            continue
+        tokens = [p[0] for p in points]
+        mem_ax.plot(tokens, [p[1] / _MIB for p in points], marker="o", label=mode)
+        time_ax.plot(tokens, [p[2] for p in points], marker="o", label=mode)
+    mem_ax.set(xlabel="tokens (batch × length)", ylabel="peak above start (MiB)",
+               title=f"peak memory, {results['model']} {results['dtype']}")
+    time_ax.set(xlabel="tokens (batch × length)", ylabel="median step time (s)",
+                title="step time")
+    for ax in (mem_ax, time_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_results(results: Mapping[str, Any], out: Path) -> None:
+    """Write `results.json`, `bench.md` and `bench.png` into `out`."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "bench.md").write_text(render_markdown(results))
+    plot_results(results, out / "bench.png")
