@@ -130,3 +130,21 @@ def test_a_pass_must_return_a_graph_module(test_passes):
 def test_unknown_pass_name_lists_the_valid_ones():
     with pytest.raises(KeyError, match="valid passes: remove_noops"):
         registry.get_pass("nope")
+
+
+def test_torch_logs_shows_the_passes():
+    """`TORCH_LOGS="+memcompile"` turns on memcompile's loggers with no code of ours."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "m = torch.nn.Linear(8, 8)\n"
+            "torch.compile(m, backend='memcompile', options={'runtime': 'eager'})"
+            "(torch.randn(2, 8)).sum().backward()\n")
+    env = {**os.environ, "TORCH_LOGS": "+memcompile"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "graph_0: running passes ['remove_noops']" in result.stderr
+    assert "graph_0: pass remove_noops took" in result.stderr
+    assert "saved" in result.stderr and "recomputed" in result.stderr
