@@ -17,6 +17,7 @@ from typing import Any
 
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
 
 from memcompile.config import Options
 from memcompile.partition import MemcompilePartitioner
@@ -27,6 +28,10 @@ from memcompile.runtime.inductor import compile_inductor
 log = logging.getLogger(__name__)
 
 _INFERENCE_NOTE = "no backward (no input requires grad): graph run as captured"
+_CACHED_NOTE = (
+    "loaded from AOTAutograd's cache (forced on by TORCHINDUCTOR_AUTOGRAD_CACHE=1): the graphs "
+    "memcompile made for this code and these options before; its passes did not run again"
+)
 
 
 def _inference_compiler(record: GraphRecord) -> Callable[..., Any]:
@@ -46,6 +51,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     partitioner = MemcompilePartitioner(options, record)
     log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
              options.runtime)
+    cache_hits = _aot_cache_hits()
     try:
         if options.runtime == "inductor":
             compiled = compile_inductor(gm, example_inputs, partitioner)
@@ -61,7 +67,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     except BaseException:
         discard_record(record)
         raise
-    if record.kind == "pending":
+    if record.kind == "pending" and _aot_cache_hits() > cache_hits:
+        # TORCHINDUCTOR_AUTOGRAD_CACHE=1 forces AOTAutograd's cache on: a hit returns the graphs
+        # memcompile made earlier for the same code and options, without calling it again.
+        record.kind = "cached"
+        record.notes.append(("capture", _CACHED_NOTE))
+        log.info("%s: %s", record.name, _CACHED_NOTE)
+    elif record.kind == "pending":
         # Inductor compiled it without calling the partitioner: there was no backward.
         record.kind = "inference"
     return compiled
+
+
+def _aot_cache_hits() -> int:
+    return counters["aot_autograd"]["autograd_cache_hit"]

@@ -12,13 +12,14 @@ partitioner, which treats fusible pointwise ops as cheap to recompute.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memcompile.analysis.memory import new_bytes, tensor_bytes
@@ -28,6 +29,14 @@ from memcompile.report import GraphRecord
 from memcompile.runner import run_passes
 
 log = logging.getLogger(__name__)
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_FILES = tuple(sorted(
+    os.path.join(root, name)
+    for folder in ("memcompile", "passes")
+    for root, _, names in os.walk(os.path.join(_PACKAGE, folder))
+    for name in names if name.endswith(".py")
+))
 
 PARTITION = "partition"
 """The name decisions of the split carry in the report."""
@@ -62,8 +71,11 @@ class MemcompilePartitioner(CustomPartitionerFn):
         return fw, bw
 
     def uuid(self) -> Any:
-        # Our passes record into the report and depend on options: never reuse a cached result.
-        return None
+        """What Inductor's caches key this partitioner by: memcompile's code and the options.
+
+        (The Inductor runtime also turns AOTAutograd's cache off, so the passes always run.)
+        """
+        return get_hash_for_files(_SOURCE_FILES, extra=repr(self.options))
 
 
 def _flat_inputs(joint_inputs: Sequence[Any]) -> list[Any]:

@@ -28,8 +28,8 @@ class GraphRecord:
 
     name: str
     kind: str = "pending"
-    """ "training" (a joint graph split in two), "inference" (no backward), or "pending"
-    while it compiles."""
+    """ "training" (a joint graph split in two), "inference" (no backward), "cached" (loaded
+    from AOTAutograd's cache, so nothing was recorded), or "pending" while it compiles."""
     joint_before: str = ""
     joint_after: str = ""
     forward_code: str = ""
