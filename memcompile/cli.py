@@ -6,7 +6,6 @@ Nothing is downloaded: the models are built from configs with random weights.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,42 +15,20 @@ from typing import Any
 import torch
 
 import memcompile
+from memcompile.bench.args import add_bench_parser, argtype, parse_options, positive_int
 from memcompile.models import PRESETS, build_model, make_batch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
-def _options(text: str) -> dict[str, Any]:
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"--options is not JSON ({e}): {text!r}") from None
-    if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError(f"--options must be a JSON object, got {text!r}")
-    try:
-        memcompile.Options(**options)
-    except memcompile.OptionsError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return options
-
-
 def _add_model_arguments(p: argparse.ArgumentParser, *, model: str, seq_len: int) -> None:
     p.add_argument("--model", choices=sorted(PRESETS), default=model,
                    help=f"built-in preset (default {model})")
-    p.add_argument("--seq-len", type=_positive_int, default=seq_len, help="tokens per sequence")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--seq-len", type=argtype(positive_int), default=seq_len,
+                   help="tokens per sequence")
+    p.add_argument("--batch-size", type=argtype(positive_int), default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--options", type=_options, default={},
+    p.add_argument("--options", type=argtype(parse_options), default={},
                    help='memcompile options as JSON, e.g. \'{"runtime": "eager"}\'')
 
 
@@ -141,15 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a built-in model with and without memcompile")
     _add_model_arguments(demo, model="small", seq_len=256)
-    demo.add_argument("--steps", type=_positive_int, default=3)
+    demo.add_argument("--steps", type=argtype(positive_int), default=3)
     demo.add_argument("--out", default="memcompile-demo", help="folder for the report and plot")
     demo.set_defaults(func=run_demo)
     explain = sub.add_parser("explain", help="print the memory report of a built-in model")
     _add_model_arguments(explain, model="tiny", seq_len=64)
     explain.add_argument("--plot", default=None, help="also write the memory timeline PNG here")
     explain.set_defaults(func=run_explain)
-    from memcompile.bench import add_bench_parser
-
     add_bench_parser(sub)
     return parser
 

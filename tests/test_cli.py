@@ -32,7 +32,7 @@ def test_demo_trains_and_writes_the_report(capsys, tmp_path):
 @pytest.mark.parametrize("argv,fragment", [
     (["explain", "--model", "huge"], "invalid choice: 'huge'"),
     (["explain", "--seq-len", "0"], "0 is not positive"),
-    (["explain", "--options", "{runtime}"], "--options is not JSON"),
+    (["explain", "--options", "{runtime}"], "--options is not valid JSON"),
     (["explain", "--options", '{"runtime": "jax"}'], "'runtime': got 'jax'; valid: inductor, eager"),
 ])
 def test_bad_arguments_say_what_is_valid(argv, fragment, capsys):

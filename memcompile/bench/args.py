@@ -126,7 +126,7 @@ def parse_options(text: str) -> dict[str, Any]:
     return options
 
 
-def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """Turn a parser's `ValueError` into argparse's error, so its message reaches the user."""
 
     def convert(text: str) -> Any:
@@ -139,7 +139,7 @@ def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -178,24 +178,24 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
             f"Modes: {VALID_MODES_TEXT}."
         ),
     )
-    parser.add_argument("--model", required=True, type=_argtype(parse_model),
+    parser.add_argument("--model", required=True, type=argtype(parse_model),
                         help="preset (tiny, small, wide) or hf:<arch>[:key=value,...]")
-    parser.add_argument("--seq-lens", required=True, type=_argtype(parse_seq_lens),
+    parser.add_argument("--seq-lens", required=True, type=argtype(parse_seq_lens),
                         help="comma-separated sequence lengths, e.g. 512,1024,2048")
-    parser.add_argument("--modes", type=_argtype(parse_modes), default=list(DEFAULT_MODES),
+    parser.add_argument("--modes", type=argtype(parse_modes), default=list(DEFAULT_MODES),
                         help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})")
-    parser.add_argument("--options", type=_argtype(parse_options), default={},
+    parser.add_argument("--options", type=argtype(parse_options), default={},
                         help="JSON object of memcompile options for the memcompile mode")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--batch-size", type=_argtype(_positive_int), default=1)
+    parser.add_argument("--batch-size", type=argtype(positive_int), default=1)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: cuda when available, else cpu")
-    parser.add_argument("--repeat", type=_argtype(_positive_int), default=3,
+    parser.add_argument("--repeat", type=argtype(positive_int), default=3,
                         help="timed steps whose median is reported (default 3)")
-    parser.add_argument("--timeout", type=_argtype(_positive_float), default=900.0,
+    parser.add_argument("--timeout", type=argtype(_positive_float), default=900.0,
                         help="seconds allowed per configuration (default 900)")
-    parser.add_argument("--jobs", type=_argtype(_positive_int), default=1,
+    parser.add_argument("--jobs", type=argtype(positive_int), default=1,
                         help="configurations run side by side (default 1). Peaks are unaffected "
                              "(each process measures its own allocator) but step times compete "
                              "for cores: keep 1 for timings you report")
