@@ -15,7 +15,7 @@ DECISIONS = "memcompile.decisions"
 NOTES = "memcompile.notes"
 """gm.meta key: list of (pass_name, text): why a pass left the graph unchanged, and the like."""
 
-DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded", "removed")
+DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ class MemcompilePartitioner(CustomPartitionerFn):
         fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
         _record_split_decisions(gm, fw, bw, forward_names)
         self.record.set_split(gm, fw, bw)
+        if self.options.dump_dir:
+            self.record.dump(self.options.dump_dir)
         log.info(
             "%s: forward %d nodes, backward %d nodes, %d saved, %d recomputed",
             self.record.name, len(fw.graph.nodes), len(bw.graph.nodes),

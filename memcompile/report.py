@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 
 from memcompile.analysis.memory import MemorySimulation, simulate_step
-from memcompile.meta import DECISIONS, NOTES, Decision
+from memcompile.meta import DECISION_KINDS, DECISIONS, NOTES, Decision
 
 _graph_ids = itertools.count()
 _active_recorders: list[list[GraphRecord]] = []
@@ -49,6 +50,19 @@ class GraphRecord:
         self.notes = list(joint.meta.get(NOTES, []))
         self.decisions = [*joint.meta.get(DECISIONS, []), *fw.meta.get(DECISIONS, []),
                           *bw.meta.get(DECISIONS, [])]
+
+    def dump(self, dump_dir: str) -> None:
+        """Write the forward, the backward and the decisions next to the pass dumps."""
+        folder = os.path.join(dump_dir, self.name)
+        os.makedirs(folder, exist_ok=True)
+        for filename, text in (("forward.py", self.forward_code),
+                               ("backward.py", self.backward_code)):
+            with open(os.path.join(folder, filename), "w") as f:
+                f.write(text)
+        with open(os.path.join(folder, "decisions.tsv"), "w") as f:
+            f.write("pass\tkind\tnode\tbytes\treason\n")
+            for d in self.decisions:
+                f.write(f"{d.pass_name}\t{d.kind}\t{d.node}\t{d.bytes}\t{d.reason}\n")
 
     def decisions_of(self, kind: str) -> list[Decision]:
         """The decisions of one kind ("saved", "recomputed", ...)."""
@@ -170,7 +184,7 @@ def _graph_lines(r: GraphRecord) -> list[str]:
         lines.append(f"  pass {p.name}: {p.seconds * 1e3:.1f} ms, {diff}")
     for pass_name, text in r.notes:
         lines.append(f"  note ({pass_name}): {text}")
-    for kind in ("saved", "recomputed", "chunked", "offloaded", "sharded", "removed"):
+    for kind in DECISION_KINDS:
         ds = r.decisions_of(kind)
         if ds:
             lines.append(f"  {kind}: {len(ds)} tensor(s), {_mib(sum(d.bytes for d in ds))}")

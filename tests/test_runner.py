@@ -148,3 +148,19 @@ def test_torch_logs_shows_the_passes():
     assert "graph_0: running passes ['remove_noops']" in result.stderr
     assert "graph_0: pass remove_noops took" in result.stderr
     assert "saved" in result.stderr and "recomputed" in result.stderr
+
+
+def test_dump_dir_gets_the_split_and_the_decisions(tmp_path):
+    import torch
+
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    cm = torch.compile(m, backend="memcompile",
+                       options={"runtime": "eager", "dump_dir": str(tmp_path)})
+    cm(torch.randn(2, 8)).sum().backward()
+    (folder,) = [p for p in tmp_path.iterdir() if (p / "decisions.tsv").exists()]
+    assert (folder / "00_remove_noops_before.py").exists()
+    assert "def forward" in (folder / "backward.py").read_text()
+    rows = (folder / "decisions.tsv").read_text().splitlines()
+    assert rows[0] == "pass\tkind\tnode\tbytes\treason"
+    assert any(row.startswith("partition\tsaved\ttanh\t64\t") for row in rows)
