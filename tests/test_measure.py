@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import memcompile
-from memcompile.measure import allocator_peak, live_cpu_tensor_bytes, tracked_peak
+from memcompile.measure import allocator_peak, tracked_peak
 from memcompile.report import recording
 
 MiB = 2**20
@@ -27,12 +27,13 @@ def test_peaks_in_exact_bytes(peak_fn):
 
 
 def test_measure_reports_baseline_peak_time_and_method():
-    keep = torch.empty(4 * MiB, dtype=torch.uint8)  # noqa: F841  (live at the start)
-    before = live_cpu_tensor_bytes()
-    m = memcompile.measure(three_then_one, warmup=1, repeat=3, method="allocator")
-    assert m.peak_bytes == 3 * MiB
-    assert m.baseline_bytes == before >= 4 * MiB
-    assert m.method == "allocator" and m.seconds > 0
+    without = memcompile.measure(three_then_one, warmup=1, repeat=3, method="allocator")
+    keep = torch.empty(4 * MiB, dtype=torch.uint8)  # live when the measured function starts
+    with_it = memcompile.measure(three_then_one, warmup=1, repeat=3, method="allocator")
+    del keep
+    assert with_it.baseline_bytes - without.baseline_bytes == 4 * MiB
+    assert with_it.peak_bytes == without.peak_bytes == 3 * MiB
+    assert with_it.method == "allocator" and with_it.seconds > 0
     assert memcompile.measure(three_then_one, method="tracked").peak_bytes == 3 * MiB
 
 
