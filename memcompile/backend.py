@@ -18,7 +18,7 @@ from memcompile.errors import NotAvailableError
 
 def check_available(options: Options) -> None:
     """Refuse, with a clear error, options whose feature memcompile does not have yet."""
-    if options.sequence_parallel:
+    if options.sequence_parallel is not False:  # True or a dict (even an empty one) means on
         raise NotAvailableError(
             "memcompile option 'sequence_parallel': attention across devices is not available "
             "yet; valid now: False"

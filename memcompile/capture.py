@@ -6,7 +6,8 @@ and memcompile is its partitioner. Either way `MemcompilePartitioner` runs the p
 joint graph and records what it did in a `GraphRecord`.
 
 Graphs without a backward (no input requires grad, or `torch.no_grad()`) have no joint graph:
-memcompile's passes are about training memory, so they run as captured, with a note saying so.
+memcompile's passes are about training memory, so they run as captured (eager runtime) or as
+Inductor compiles them, with a note saying so.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from memcompile.runtime.inductor import compile_inductor
 log = logging.getLogger(__name__)
 
 _INFERENCE_NOTE = "no backward (no input requires grad): graph run as captured"
+_INFERENCE_NOTE_INDUCTOR = "no backward (no input requires grad): compiled by Inductor as is"
 _CACHED_NOTE = (
     "loaded from AOTAutograd's cache (forced on by TORCHINDUCTOR_AUTOGRAD_CACHE=1): the graphs "
     "memcompile made for this code and these options before; its passes did not run again"
@@ -76,6 +78,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     elif record.kind == "pending":
         # Inductor compiled it without calling the partitioner: there was no backward.
         record.kind = "inference"
+        record.notes.append(("capture", _INFERENCE_NOTE_INDUCTOR))
+        log.info("%s: %s", record.name, _INFERENCE_NOTE_INDUCTOR)
     return compiled
 
 

@@ -146,7 +146,7 @@ def _check_chunk(key: str, value: Any) -> int | str:
 
 
 def _check_stream(value: Any) -> bool | str | StreamOptions:
-    if isinstance(value, StreamOptions) or value in ("auto", True, False):
+    if isinstance(value, (StreamOptions, bool)) or (isinstance(value, str) and value == "auto"):
         return value
     if isinstance(value, Mapping):
         known = [f.name for f in fields(StreamOptions)]

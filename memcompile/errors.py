@@ -35,12 +35,18 @@ class MemoryBudgetError(MemcompileError):
 class PassError(MemcompileError):
     """A pass raised; the message names it and the passes that ran before it."""
 
-    def __init__(self, pass_name: str, ran_before: list[str], dump_path: str | None):
+    def __init__(self, pass_name: str, ran_before: list[str], dump_path: str | None,
+                 cause: BaseException):
         self.pass_name = pass_name
         self.ran_before = list(ran_before)
         before = ", ".join(ran_before) if ran_before else "none"
         where = f"; the graph it failed on is in {dump_path}" if dump_path else ""
-        super().__init__(f"pass {pass_name!r} failed (passes run before it: {before}){where}")
+        super().__init__(f"pass {pass_name!r} failed with {type(cause).__name__}: {cause} "
+                         f"(passes run before it: {before}){where}")
+
+
+class UnknownPassError(MemcompileError, ValueError):
+    """A pass name the registry does not know; the message lists the valid ones."""
 
 
 class NotAvailableError(MemcompileError, NotImplementedError):

@@ -7,13 +7,12 @@ bytes), the simulated memory timeline, and the peaks measured on a second run of
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from memcompile.backend import memcompile
+from memcompile.backend import check_available, memcompile
 from memcompile.config import Options
 from memcompile.measure import allocator_peak, tracked_peak
 from memcompile.report import GraphRecord, Report, recording
@@ -21,32 +20,56 @@ from memcompile.report import GraphRecord, Report, recording
 
 def _loss_of(output: Any) -> torch.Tensor:
     loss = getattr(output, "loss", output)
+    if loss is None:
+        raise TypeError("explain needs a loss: the output's `.loss` is None (pass labels?)")
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+               else type(loss).__name__)
         raise TypeError(
             "explain needs a function that returns a scalar loss, or a module whose output has "
-            f"a scalar `.loss`; got {type(output).__name__}"
+            f"a scalar `.loss`; got {got}"
         )
     return loss
 
 
-def _leaves(fn_or_module: Any, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:
-    """The tensors whose `.grad` a step fills: the module's parameters and leaf inputs."""
-    params = list(fn_or_module.parameters()) if isinstance(fn_or_module, torch.nn.Module) else []
-    tensors = [t for t in [*inputs, *kwargs.values()] if isinstance(t, torch.Tensor)]
-    return params + [t for t in tensors if t.is_leaf and t.requires_grad]
+def _autograd_leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors whose `.grad` a backward from `loss` fills: parameters a function closes
+    over included, found by walking the autograd graph to its AccumulateGrad nodes."""
+    leaves: dict[int, torch.Tensor] = {}
+    seen: set[Any] = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves[id(fn.variable)] = fn.variable
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return list(leaves.values())
 
 
-@contextlib.contextmanager
-def _grads_kept_aside(leaves: list[torch.Tensor]) -> Iterator[None]:
-    """Run the block with the leaves' gradients unset, and put the user's back afterwards."""
-    saved = [t.grad for t in leaves]
-    for t in leaves:
-        t.grad = None
-    try:
-        yield
-    finally:
-        for t, g in zip(leaves, saved):
-            t.grad = g
+class _GradsKeptAside:
+    """Sets the step's leaves' gradients aside as they are found, and puts them back at exit.
+
+    Every step then starts with no gradients, as the simulated one does, and the user's
+    gradients are left as they were.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def clear(self, leaves: list[torch.Tensor]) -> None:
+        for t in leaves:
+            self.saved.setdefault(id(t), (t, t.grad))
+            t.grad = None
+
+    def __enter__(self) -> _GradsKeptAside:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t, grad in self.saved.values():
+            t.grad = grad
 
 
 def explain(
@@ -61,9 +84,11 @@ def explain(
     `fn_or_module(*example_inputs, **example_kwargs)` must return a scalar loss (or an object
     whose `.loss` is one). With `measure=True` a second step is measured: the allocator peak
     always, and the tracked peak in the eager runtime (the one the simulator predicts exactly).
-    The module's gradients are left as they were.
+    The gradients of the step's leaves (parameters, closed over or not, and inputs) are
+    left as they were.
     """
     opts = Options.from_mapping(options)
+    check_available(opts)
     kwargs = dict(example_kwargs or {})
 
     def backend(gm: Any, inputs: Any) -> Any:
@@ -71,18 +96,18 @@ def explain(
 
     compiled = torch.compile(fn_or_module, backend=backend)
 
-    leaves = _leaves(fn_or_module, example_inputs, kwargs)
+    with _GradsKeptAside() as grads:
 
-    def step() -> None:
-        # Every step starts with no gradients, as the simulated one does; clearing them at the
-        # end keeps frees of gradients from before the step out of the measured peak.
-        loss = _loss_of(compiled(*example_inputs, **kwargs))
-        if loss.requires_grad:
-            loss.backward()
-        for t in leaves:
-            t.grad = None
+        def step() -> None:
+            loss = _loss_of(compiled(*example_inputs, **kwargs))
+            leaves = _autograd_leaves(loss)
+            grads.clear(leaves)
+            if loss.requires_grad:
+                loss.backward()
+            # Cleared at the end too, so that frees of gradients from before the step stay out
+            # of the measured peak.
+            grads.clear(leaves)
 
-    with _grads_kept_aside(leaves):
         with recording() as records:
             step()
         measured: dict[str, int] = {}

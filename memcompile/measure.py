@@ -95,11 +95,14 @@ class TrackedLiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
         results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
+        # Some views carry no alias annotation (`_unsafe_view`): check the storages too.
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for schema_return, result in zip(returns, results):
             if schema_return.alias_info is not None:
                 continue  # a view or an in-place result: no new storage
             for t in tree_leaves(result):
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
                     self._track(t.untyped_storage())
         return out
 
@@ -191,6 +194,9 @@ def measure(
         raise ValueError(f"unknown measure method {method!r}; valid: {', '.join(METHODS)}")
     if method == "auto":
         method = "cuda" if torch.cuda.is_available() else "allocator"
+    if method == "cuda" and not torch.cuda.is_available():
+        raise ValueError("method 'cuda' needs a CUDA device and none is available; valid here: "
+                         "auto, allocator, tracked")
     if warmup < 0 or repeat < 1:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
     for _ in range(warmup):

@@ -22,7 +22,9 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
-from memcompile.analysis.memory import new_bytes, tensor_bytes
+from memcompile.analysis.memory import is_tangent, new_bytes, storage_key, tensor_bytes
+import memcompile as memcompile_package
+import memcompile.passes as memcompile_passes
 from memcompile.config import Options
 from memcompile.meta import Decision, record_decision
 from memcompile.report import GraphRecord
@@ -30,13 +32,13 @@ from memcompile.runner import run_passes
 
 log = logging.getLogger(__name__)
 
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SOURCE_FILES = tuple(sorted(
+_SOURCE_FILES = tuple(sorted({
     os.path.join(root, name)
-    for folder in ("memcompile", "passes")
-    for root, _, names in os.walk(os.path.join(_PACKAGE, folder))
+    for package in (memcompile_package, memcompile_passes)
+    for folder in package.__path__
+    for root, _, names in os.walk(folder)
     for name in names if name.endswith(".py")
-))
+}))
 
 PARTITION = "partition"
 """The name decisions of the split carry in the report."""
@@ -59,9 +61,8 @@ class MemcompilePartitioner(CustomPartitionerFn):
         gm, self.record.passes = run_passes(
             gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
         )
-        forward_names = _forward_node_names(gm)
         fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
-        _record_split_decisions(gm, fw, bw, forward_names)
+        _record_split_decisions(gm, fw, bw)
         self.record.set_split(gm, fw, bw)
         if self.options.dump_dir:
             self.record.dump(self.options.dump_dir)
@@ -87,50 +88,50 @@ def _flat_inputs(joint_inputs: Sequence[Any]) -> list[Any]:
     return flat
 
 
-def _forward_node_names(joint: fx.GraphModule) -> set[str]:
-    """Names of the joint graph's nodes that do not depend on a tangent: the forward."""
-    from_tangents: set[fx.Node] = set()
-    for node in joint.graph.nodes:
-        if (node.op == "placeholder" and "tangents" in node.name) or any(
-            a in from_tangents for a in node.all_input_nodes
-        ):
-            from_tangents.add(node)
-    return {n.name for n in joint.graph.nodes if n not in from_tangents and n.op != "output"}
+_RECOMPUTE_POLICIES = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+_SAVE_POLICIES = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
 
 
-def _policy_reason(node: fx.Node) -> str | None:
-    policy = node.meta.get("recompute")
-    if policy in (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE):
+def _policy_reason(node: fx.Node | None, kind: str) -> str | None:
+    """The model's checkpoint policy as the reason, when it agrees with the decision made.
+
+    `node` is the joint graph's node of that name; None for values the split made itself
+    (such as the RNG state a checkpointed region saves for its recomputation).
+    """
+    policy = node.meta.get("recompute") if node is not None else None
+    if kind == "recomputed" and policy in _RECOMPUTE_POLICIES:
         return f"inside a torch.utils.checkpoint region ({policy.name})"
-    if policy in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE):
-        return f"the model's selective checkpoint policy says {policy.name}"
+    if kind == "saved" and policy in _SAVE_POLICIES:
+        return f"checkpoint policy {policy.name} (the model's, or the boundary of two regions)"
     return None
 
 
-def _record_split_decisions(
-    joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule, forward_names: set[str]
-) -> None:
+def _record_split_decisions(joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
     joint_nodes = {n.name: n for n in joint.graph.nodes}
+    primal_storages = {storage_key(t) for n in fw.graph.find_nodes(op="placeholder")
+                       if isinstance(t := n.meta.get("val"), torch.Tensor)}
     first_saver: dict[int, str] = {}  # storage -> the saved value whose decision counts its bytes
     for node in bw.graph.find_nodes(op="placeholder"):
-        source = joint_nodes.get(node.name)
         val = node.meta.get("val")
-        if source is None or source.op == "placeholder" or "tangents" in node.name:
-            continue  # inputs and parameters are live anyway: saving them costs nothing
-        if not isinstance(val, torch.Tensor):
+        if is_tangent(node) or not isinstance(val, torch.Tensor):
             continue
-        reason = _policy_reason(source) or "needed by the backward; min-cut keeps it saved"
-        key = val.untyped_storage()._cdata
+        key = storage_key(val)
+        if key in primal_storages:
+            continue  # inputs, parameters and their views are live anyway: saving costs nothing
+        reason = (_policy_reason(joint_nodes.get(node.name), "saved")
+                  or "needed by the backward; min-cut keeps it saved")
         if key in first_saver:
             reason += f" (shares its storage with {first_saver[key]})"
         nbytes = 0 if key in first_saver else tensor_bytes(node)
         first_saver.setdefault(key, node.name)
         record_decision(fw, Decision(PARTITION, "saved", node.name, nbytes, reason))
+    computed_in_forward = {n.name for n in fw.graph.nodes if n.op == "call_function"}
     for node in bw.graph.nodes:
-        if node.op == "call_function" and node.name in forward_names and new_bytes(node) > 0:
-            reason = _policy_reason(joint_nodes[node.name]) or (
-                "min-cut: cheaper to recompute in the backward than to save"
-            )
+        # Computed in both graphs: recomputed. (Tangent-free ops only the backward needs are
+        # computed once, in the backward: not recomputation.)
+        if node.op == "call_function" and node.name in computed_in_forward and new_bytes(node):
+            reason = (_policy_reason(joint_nodes.get(node.name), "recomputed")
+                      or "min-cut: cheaper to recompute in the backward than to save")
             record_decision(
                 bw, Decision(PARTITION, "recomputed", node.name, new_bytes(node), reason)
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from memcompile.analysis.memory import MemorySimulation, simulate_step
+from memcompile.analysis.memory import MemorySimulation, MissingMetadataError, simulate_step
 from memcompile.meta import DECISION_KINDS, DECISIONS, NOTES, Decision
 
 _graph_ids = itertools.count()
@@ -41,6 +41,7 @@ class GraphRecord:
     num_user_outputs: int = 0
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
+    _simulation: MemorySimulation | None = field(default=None, repr=False)
 
     def set_split(self, joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
         """Record the joint graph after the passes and the forward/backward it was split into."""
@@ -69,11 +70,19 @@ class GraphRecord:
         return [d for d in self.decisions if d.kind == kind]
 
     def simulate(self, sizes: Any = None) -> MemorySimulation | None:
-        """The simulated step of this graph (None for an inference graph)."""
+        """The simulated step of this graph (None for an inference graph).
+
+        `sizes` binds the graphs' size symbols to other values; by default, the example sizes.
+        """
         if self.forward is None or self.backward is None:
             return None
-        return simulate_step(self.forward, self.backward,
-                             num_user_outputs=self.num_user_outputs, sizes=sizes)
+        if sizes is None and self._simulation is not None:
+            return self._simulation
+        sim = simulate_step(self.forward, self.backward,
+                            num_user_outputs=self.num_user_outputs, sizes=sizes)
+        if sizes is None:
+            self._simulation = sim
+        return sim
 
 
 def new_record() -> GraphRecord:
@@ -140,8 +149,8 @@ class Report:
 
     @property
     def simulated_peak_bytes(self) -> int | None:
-        """The largest simulated step peak over the training graphs (None if there are none)."""
-        sims = [s for s in (r.simulate() for r in self.records) if s is not None]
+        """The largest simulated step peak over the training graphs (None if none simulates)."""
+        sims = [s for s in (_simulation_or_none(r) for r in self.records) if s is not None]
         return max((s.peak_bytes for s in sims), default=None)
 
     def __str__(self) -> str:
@@ -163,7 +172,7 @@ class Report:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        sims = [(r.name, r.simulate()) for r in self.records if r.kind == "training"]
+        sims = [(r.name, s) for r in self.records if (s := _simulation_or_none(r)) is not None]
         fig, axes = plt.subplots(len(sims) or 1, 1, figsize=(10, 3.2 * max(len(sims), 1)),
                                  squeeze=False)
         for ax, (name, sim) in zip(axes[:, 0], sims):
@@ -197,12 +206,23 @@ def _graph_lines(r: GraphRecord) -> list[str]:
         if len(r.decisions) > len(largest):
             lines.append(f"  ... {len(r.decisions) - len(largest)} smaller decisions "
                          "(report.decisions lists all)")
-    sim = r.simulate()
+    try:
+        sim = r.simulate()
+    except MissingMetadataError as e:
+        lines.append(f"  simulated peak unavailable: {e}")
+        return lines
     if sim is not None and sim.peak_event is not None:
         e = sim.peak_event
         lines.append(f"  simulated peak {sim.peak_bytes:,} B ({_mib(sim.peak_bytes)}) at "
                      f"{e.phase} {e.node}; {sim.saved_bytes:,} B live between forward and backward")
     return lines
+
+
+def _simulation_or_none(r: GraphRecord) -> MemorySimulation | None:
+    try:
+        return r.simulate()
+    except MissingMetadataError:
+        return None
 
 
 def _plot_timeline(ax: Any, name: str, sim: MemorySimulation, measured: dict[str, int]) -> None:

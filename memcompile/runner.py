@@ -77,7 +77,7 @@ def run_passes(
                 raise TypeError(f"returned {type(result).__name__}, not a GraphModule")
         except Exception as e:
             path = _dump_failure(gm, options.dump_dir, graph_name, index, name)
-            raise PassError(name, names[:index], path) from e
+            raise PassError(name, names[:index], path, e) from e
         seconds = time.perf_counter() - start
         gm = result
         diff = op_diff(before_ops, op_counts(gm))

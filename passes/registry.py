@@ -7,9 +7,9 @@ that importing the registry is enough to know every pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
-
 import torch.fx as fx
+
+from memcompile.errors import UnknownPassError
 
 PassFn = Callable[..., fx.GraphModule]
 """`(gm, example_inputs, *, options) -> gm`"""
@@ -38,7 +38,8 @@ def get_pass(name: str) -> PassFn:
     try:
         return PASSES[name]
     except KeyError:
-        raise KeyError(f"unknown pass {name!r}; valid passes: {', '.join(PASSES)}") from None
+        raise UnknownPassError(f"unknown pass {name!r}; valid passes: {', '.join(PASSES)}") \
+            from None
 
 
 def pass_names() -> list[str]:
@@ -61,7 +62,7 @@ def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> li
     return [n for n in names if n not in set(disable)]
 
 
-def _load_builtin_passes() -> Any:
+def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
     from memcompile.passes import remove_noops  # noqa: F401

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from memcompile.passes.registry import register_pass
 
@@ -33,13 +34,15 @@ def _is_identity(node: fx.Node) -> bool:
     out, inp = node.meta.get("val"), node.args[0].meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
         return False
-    # Compare symbolically: with dynamic shapes both sides may be the same SymInt expressions.
+    # Only what is provably equal: with dynamic shapes a plain `==` on SymInts would install a
+    # guard (and specialize the length) just to decide whether to drop a view.
+    same = statically_known_true
     return (
         out.dtype == inp.dtype
         and len(out.shape) == len(inp.shape)
-        and all(a == b for a, b in zip(out.shape, inp.shape))
-        and all(a == b for a, b in zip(out.stride(), inp.stride()))
-        and out.storage_offset() == inp.storage_offset()
+        and all(same(a == b) for a, b in zip(out.shape, inp.shape))
+        and all(same(a == b) for a, b in zip(out.stride(), inp.stride()))
+        and same(out.storage_offset() == inp.storage_offset())
     )
 
 

@@ -59,7 +59,7 @@ def test_stream_dict_becomes_stream_options():
 
 @pytest.mark.parametrize("stream,key", [
     ({"chunk": 3}, "stream.chunk"), ({"chunk_size": 0}, "stream.chunk_size"),
-    ({"dim": "time"}, "stream.dim"), ("yes", "stream"),
+    ({"dim": "time"}, "stream.dim"), ("yes", "stream"), (1, "stream"), (0.0, "stream"),
 ])
 def test_bad_stream_values(stream, key):
     with pytest.raises(OptionsError, match=f"memcompile option '{key}'"):

@@ -8,7 +8,9 @@ runtime runs them, so its numbers equal the tracked peak of `memcompile.measure`
 - the runtime drops each value right after its last use (FX's codegen: unused outputs at once,
   unused inputs at the end), and a storage is freed when no live value refers to it;
 - a multi-output op holds all its outputs until the last `getitem` on it has run;
-- between the graphs: the forward's outputs (user outputs and saved values) stay live; autograd
+- between the graphs: the forward's outputs (user outputs and saved values) stay live (a caller
+  that drops an output before the backward, such as logits next to a loss, or AOTAutograd's
+  outputs for mutated inputs, make the simulated peak an upper bound rather than exact); autograd
   allocates one tangent per output (`ones_like(loss)`) that lives to the end of the backward;
   the backward's gradients go to `.grad`, copied once when their strides break autograd's
   layout contract with the parameter.
@@ -29,6 +31,8 @@ import torch.fx as fx
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from memcompile.errors import MemcompileError
+
 Sizes = Mapping[sympy.Symbol, int] | None
 
 
@@ -36,9 +40,34 @@ def concrete(value: Any, sizes: Sizes = None) -> int:
     """An int from an int or a SymInt: the SymInt's hint, or its value under `sizes`."""
     if isinstance(value, torch.SymInt):
         if sizes:
-            return int(value.node.expr.xreplace(dict(sizes)))
+            expr = value.node.expr.xreplace(dict(sizes))
+            if expr.free_symbols:
+                raise ValueError(
+                    f"sizes binds {sorted(map(str, sizes))} but {value.node.expr} also needs "
+                    f"{sorted(map(str, expr.free_symbols))}"
+                )
+            return int(expr)
         return optimization_hint(value)
     return int(value)
+
+
+def is_tangent(node: fx.Node) -> bool:
+    """Whether a placeholder of a joint or backward graph is a tangent (an output's gradient)."""
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
+class MissingMetadataError(MemcompileError, ValueError):
+    """A node without FakeTensor metadata: its bytes are unknown, so the simulation would lie."""
+
+
+def _node_tensors(node: fx.Node) -> list[torch.Tensor]:
+    """The tensors a node produces, from its FakeTensor metadata (which every pass must keep)."""
+    if "val" not in node.meta:
+        raise MissingMetadataError(
+            f"node {node.name!r} ({node.target}) has no meta['val']: the memory simulator needs "
+            "every node's FakeTensor metadata; a pass that adds nodes must set it"
+        )
+    return _tensors(node.meta["val"])
 
 
 def _tensors(val: Any) -> list[torch.Tensor]:
@@ -49,7 +78,8 @@ def _tensors(val: Any) -> list[torch.Tensor]:
     return []
 
 
-def _storage_key(t: torch.Tensor) -> int:
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of the storage behind `t`: views share their base's (FakeTensors too)."""
     return t.untyped_storage()._cdata
 
 
@@ -60,14 +90,15 @@ def storage_bytes(t: torch.Tensor, sizes: Sizes = None) -> int:
 
 def tensor_bytes(node: fx.Node, sizes: Sizes = None) -> int:
     """Storage bytes of every tensor a node produces (0 for non-tensor values)."""
-    return sum(storage_bytes(t, sizes) for t in _tensors(node.meta.get("val")))
+    return sum(storage_bytes(t, sizes) for t in _node_tensors(node))
 
 
 def new_bytes(node: fx.Node, sizes: Sizes = None) -> int:
     """Bytes of the storages a node allocates: its outputs less those that alias an input."""
-    inputs = {_storage_key(t) for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))}
-    fresh = {_storage_key(t): storage_bytes(t, sizes)
-             for t in _tensors(node.meta.get("val")) if _storage_key(t) not in inputs}
+    # Lenient on missing metadata (0 bytes): this only sizes a decision for the report.
+    inputs = {storage_key(t) for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))}
+    fresh = {storage_key(t): storage_bytes(t, sizes)
+             for t in _tensors(node.meta.get("val")) if storage_key(t) not in inputs}
     return sum(fresh.values())
 
 
@@ -87,8 +118,6 @@ class MemorySimulation:
     events: list[MemoryEvent] = field(default_factory=list)
     saved_bytes: int = 0
     """Bytes live between the forward and the backward (saved values and user outputs)."""
-    gradient_bytes: int = 0
-    """Bytes of the gradients left in `.grad` at the end."""
 
     @property
     def peak_bytes(self) -> int:
@@ -112,7 +141,7 @@ class _LiveStorages:
 
     def hold(self, tensors: Iterable[torch.Tensor], *, external: bool = False) -> None:
         for t in tensors:
-            key = _storage_key(t)
+            key = storage_key(t)
             if key not in self.refs:
                 self.refs[key] = 0
                 # Storages that existed before the step (parameters, inputs) cost nothing new.
@@ -122,7 +151,7 @@ class _LiveStorages:
 
     def release(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
-            key = _storage_key(t)
+            key = storage_key(t)
             self.refs[key] -= 1
             if self.refs[key] == 0:
                 self.live -= self.nbytes.pop(key)
@@ -164,17 +193,17 @@ def simulate_graph(
     frees = _last_users(gm)
     output = gm.graph.find_nodes(op="output")[0]
     for node in gm.graph.find_nodes(op="placeholder"):
-        live.hold(_tensors(node.meta.get("val")), external=node.name in external)
+        live.hold(_node_tensors(node), external=node.name in external)
     live.release(handover)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        live.hold(_tensors(node.meta.get("val")))
+        live.hold(_node_tensors(node))
         events.append(MemoryEvent(phase, node.name, live.live))
         for value in frees[node]:
-            live.release(_tensors(value.meta.get("val")))
+            live.release(_node_tensors(value))
     results = [
-        _tensors(a.meta.get("val")) if isinstance(a, fx.Node) else []
+        _node_tensors(a) if isinstance(a, fx.Node) else []
         for a in _output_args(output)
     ]
     for tensors in results:
@@ -184,7 +213,7 @@ def simulate_graph(
         returned = node in output.all_input_nodes  # the return is always the last use
         unused_input = node.op == "placeholder" and not node.users
         if returned or unused_input:
-            live.release(_tensors(node.meta.get("val")))
+            live.release(_node_tensors(node))
     return results
 
 
@@ -194,10 +223,11 @@ def _output_args(output: fx.Node) -> list[Any]:
 
 
 def _obeys_layout_contract(grad: torch.Tensor, param: torch.Tensor) -> bool:
-    """Whether autograd may keep `grad` as `param.grad` as is (else it copies it)."""
+    """Whether autograd may keep `grad` as `param.grad` as is, else it copies it
+    (torch/csrc/autograd/utils/grad_layout_contract.h)."""
     if is_non_overlapping_and_dense_or_false(param):
         return all(
-            size == 1 or gs == ps
+            gs == ps if size != 1 else gs != 0
             for size, gs, ps in zip(grad.shape, grad.stride(), param.stride())
         )
     return grad.is_contiguous()
@@ -218,8 +248,8 @@ def simulate_step(
     sim.saved_bytes = live.live
     saved = [t for ts in outs[num_user_outputs:] for t in ts]
     # autograd.backward makes one tangent per output (ones_like(loss)) and holds it throughout.
-    tangents = [t for n in bw.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")
-                for t in _tensors(n.meta.get("val"))]
+    tangents = [t for n in bw.graph.find_nodes(op="placeholder") if is_tangent(n)
+                for t in _tensors(n.meta["val"])]
     live.hold(tangents)
     sim.events.append(MemoryEvent("backward", "tangents", live.live))
     grads = simulate_graph(bw, live, "backward", sim.events, handover=saved)
@@ -227,9 +257,8 @@ def simulate_step(
         param = primal.meta.get("val")
         if grad and isinstance(param, torch.Tensor) and not _obeys_layout_contract(grad[0], param):
             # AccumulateGrad copies the gradient into the parameter's layout, then drops it.
-            live.live += storage_bytes(param, sizes)
+            live.live += concrete(param.numel(), sizes) * param.element_size()
             sim.events.append(MemoryEvent("accumulate", primal.name, live.live))
             live.release(grad)
     live.release(tangents)
-    sim.gradient_bytes = sum(storage_bytes(g[0], sizes) for g in grads if g)
     return sim
