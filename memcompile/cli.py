@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memcompile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a built-in model with and without memcompile")
-    _add_model_arguments(demo, model="small", seq_len=256)
+    _add_model_arguments(demo, model="small", seq_len=1024)
     demo.add_argument("--steps", type=argtype(positive_int), default=3)
     demo.add_argument("--out", default="memcompile-demo", help="folder for the report and plot")
     demo.set_defaults(func=run_demo)
