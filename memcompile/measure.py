@@ -204,13 +204,16 @@ def measure(
     gc.collect()
     baseline = torch.cuda.memory_allocated() if method == "cuda" else live_cpu_tensor_bytes()
     peak = _PEAK_FNS[method](fn)
-    times = []
-    for _ in range(repeat):
-        if method == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if method == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [wall_seconds(fn, cuda=method == "cuda") for _ in range(repeat)]
     return Measurement(peak, baseline, statistics.median(times), method)
+
+
+def wall_seconds(fn: Callable[[], Any], *, cuda: bool = False) -> float:
+    """Seconds one call of `fn` takes; with `cuda`, until the device has finished its work."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from memcompile.bench.args import budget_of
@@ -85,6 +84,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     import torch
 
     import memcompile
+    from memcompile.measure import wall_seconds
 
     device = spec["device"]
     if device == "auto":
@@ -106,7 +106,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
             model.zero_grad(set_to_none=True)
 
         # The first step compiles; timed on its own so compilation stays out of the median.
-        first_seconds = _timed(step, device)
+        first_seconds = wall_seconds(step, cuda=device == "cuda")
         method = "cuda" if device == "cuda" else "allocator"
         # One more warm-up inside measure: some runtimes settle (caches, lazy init) on step two.
         result = memcompile.measure(step, warmup=1, repeat=spec["repeat"], method=method)
@@ -121,18 +121,6 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         "device": device,
         "device_name": _device_name(device),
     }
-
-
-def _timed(fn: Callable[[], Any], device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def worker_main(spec_json: str) -> int:
