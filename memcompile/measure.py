@@ -91,19 +91,25 @@ class TrackedLiveBytes(TorchDispatchMode):
         self.peak = 0
         self._tracked: set[int] = set()
 
+    # Higher-order operators (the RNG-state wrappers of checkpointed regions, among others)
+    # reach __torch_dispatch__ too; they have no schema, so every new output storage counts.
+    supports_higher_order_operators = True
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
         # Some views carry no alias annotation (`_unsafe_view`): check the storages too.
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
-        for schema_return, result in zip(returns, results):
-            if schema_return.alias_info is not None:
-                continue  # a view or an in-place result: no new storage
-            for t in tree_leaves(result):
-                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
-                    self._track(t.untyped_storage())
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            fresh = [out]
+        else:
+            returns = func._schema.returns
+            results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
+            # A view or an in-place result (an alias annotation) is no new storage.
+            fresh = [r for spec, r in zip(returns, results) if spec.alias_info is None]
+        for t in tree_leaves(fresh):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                self._track(t.untyped_storage())
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+from operator import getitem
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memcompile.analysis.memory import is_tangent, new_bytes, storage_key, tensor_bytes
@@ -62,6 +65,8 @@ class MemcompilePartitioner(CustomPartitionerFn):
             gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
         )
         fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
+        for graph in (fw, bw):
+            _fill_rng_wrapper_vals(graph)
         _record_split_decisions(gm, fw, bw)
         self.record.set_split(gm, fw, bw)
         if self.options.dump_dir:
@@ -86,6 +91,32 @@ def _flat_inputs(joint_inputs: Sequence[Any]) -> list[Any]:
     for group in joint_inputs:
         flat.extend(group if isinstance(group, (list, tuple)) else [group])
     return flat
+
+
+def _fill_rng_wrapper_vals(gm: fx.GraphModule) -> None:
+    """Give torch's RNG-state wrappers the FakeTensor metadata the partitioner leaves off.
+
+    Random ops in a checkpointed region (CPU flash attention counts: it takes a dropout
+    probability) are wrapped in `run_and_save_rng_state(op, *args)` -> (state, out) in the
+    forward and `run_with_rng_state(state, op, *args)` -> out in the backward, without
+    `meta["val"]`. The memory simulator needs it: the tuple is built from its getitems' values
+    (so storages stay shared with them), the single output by running the op on fake inputs.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "val" in node.meta:
+            continue
+        if node.target is torch.ops.higher_order.run_and_save_rng_state:
+            items = {u.args[1]: u.meta.get("val") for u in node.users if u.target is getitem}
+            if set(items) == {0, 1} and all(v is not None for v in items.values()):
+                node.meta["val"] = (items[0], items[1])
+        elif node.target is torch.ops.higher_order.run_with_rng_state:
+            op, args = node.args[1], node.args[2:]
+            vals = fx.node.map_arg(args, lambda a: a.meta.get("val"))
+            mode = detect_fake_mode(tree_leaves(vals))
+            if mode is not None:
+                with mode:
+                    node.meta["val"] = op(*vals, **fx.node.map_arg(
+                        node.kwargs, lambda a: a.meta.get("val")))
 
 
 _RECOMPUTE_POLICIES = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)

@@ -131,3 +131,17 @@ def test_random_mlps(batch, widths, act):
     step, (record,) = compiled_step(lambda x: model(x).pow(2).mean(), x,
                                     params=model.parameters())
     assert record.simulate().peak_bytes == tracked_peak(step)
+
+
+def test_checkpointed_layers_with_rng_state_wrappers():
+    """Per-layer checkpointing: CPU flash attention takes a dropout probability, so torch wraps
+    it in RNG-state operators (no FakeTensor metadata of their own; memcompile fills it in)."""
+    model = build_model("tiny")
+    model.enable_gradient_checkpointing()
+    batch = make_batch("tiny", seq_len=32)
+    step, (record,) = compiled_step(lambda ids, labels: model(ids, labels).loss,
+                                    batch["input_ids"], batch["labels"],
+                                    params=model.parameters())
+    targets = {n.target for n in record.forward.graph.nodes}
+    assert torch.ops.higher_order.run_and_save_rng_state in targets
+    assert record.simulate().peak_bytes == tracked_peak(step)
