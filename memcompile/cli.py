@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 import memcompile
+from memcompile.bench.args import DTYPES as BENCH_DTYPES
 from memcompile.bench.args import add_bench_parser, argtype, parse_options, positive_int
 from memcompile.models import PRESETS, build_model, make_batch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in BENCH_DTYPES}
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *, model: str, seq_len: int) -> None:

@@ -211,7 +211,7 @@ def format_command(args: argparse.Namespace) -> str:
         parts += ["--options", json.dumps(args.options)]
     parts += ["--out", str(args.out), "--batch-size", str(args.batch_size),
               "--dtype", args.dtype, "--device", args.device, "--repeat", str(args.repeat),
-              "--timeout", f"{args.timeout:g}"]
+              "--timeout", repr(args.timeout)]
     if getattr(args, "jobs", 1) != 1:
         parts += ["--jobs", str(args.jobs)]
     return shlex.join(parts)

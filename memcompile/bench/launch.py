@@ -59,7 +59,10 @@ def run_config(spec: Mapping[str, Any], timeout: float, *,
     row = _last_json_line(stdout)
     if row is None:
         if proc.returncode < 0:
-            name = signal.Signals(-proc.returncode).name
+            try:
+                name = signal.Signals(-proc.returncode).name
+            except ValueError:  # a number Python has no name for
+                name = f"signal {-proc.returncode}"
             hint = " (out of memory?)" if -proc.returncode == signal.SIGKILL else ""
             error = f"worker killed by {name}{hint}"
         else:
