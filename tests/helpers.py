@@ -140,6 +140,19 @@ def clone_inputs(inputs: Any, *, dtype: torch.dtype | None = None) -> Any:
     return copied.requires_grad_(inputs.requires_grad)
 
 
+def seeded(build: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """``build()`` in float64 with torch's global RNG seeded, leaving the caller's RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().double()
+
+
+def compiled_and_reference(model: nn.Module, **options: Any) -> tuple[nn.Module, nn.Module]:
+    """``model`` compiled with memcompile, and an eager twin with identical weights to compare."""
+    ref = clone_model(model)
+    return compile_memcompile(model, **options), ref
+
+
 def compile_memcompile(model: nn.Module, *, dynamic: bool | None = None, reset: bool = True,
                        **options: Any) -> nn.Module:
     """``torch.compile(model, backend="memcompile", options=options)``.

@@ -23,7 +23,9 @@ from helpers import (
     clone_inputs,
     clone_model,
     compile_memcompile,
+    compiled_and_reference,
     relative_error,
+    seeded,
     train_step,
     worst_error,
 )
@@ -85,10 +87,8 @@ def mlp_cases(draw):
     seed = draw(st.integers(0, 2**31 - 1))
 
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = WithLoss(MLPStack(widths, activations, layer_norm=layer_norm,
-                                  residual=residual), loss).double()
+    model = seeded(lambda: WithLoss(MLPStack(widths, activations, layer_norm=layer_norm,
+                                             residual=residual), loss), seed)
     x = torch.randn(*lead, widths[0], generator=gen, dtype=torch.float64)
     if loss == "cross_entropy":
         target = torch.randint(0, widths[-1], lead, generator=gen)
@@ -161,10 +161,8 @@ def small_llama_config(**overrides) -> LlamaConfig:
 
 def small_mlp(seed: int = 0) -> WithLoss:
     """A float64 two-block MLP with LayerNorm and residuals, under an MSE loss."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return WithLoss(MLPStack([6, 12, 5], ["gelu", "tanh"], layer_norm=True,
-                                 residual=True)).double()
+    return seeded(lambda: WithLoss(MLPStack([6, 12, 5], ["gelu", "tanh"], layer_norm=True,
+                                            residual=True)), seed)
 
 
 def mlp_inputs(*, input_grad: bool, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -205,11 +203,8 @@ class GraphBreakModel(nn.Module):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_graph_break(runtime):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GraphBreakModel().double()
-    ref = clone_model(model)
-    compiled = compile_memcompile(model, runtime=runtime)
+    model = seeded(GraphBreakModel)
+    compiled, ref = compiled_and_reference(model, runtime=runtime)
     with recording() as records:
         assert_step_exact(compiled, ref, mlp_inputs(input_grad=False))
     assert len(records) == 2, "one graph before the break, one after"
@@ -277,11 +272,8 @@ class CheckpointedMLP(nn.Module):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_checkpoint_with_input_grad(runtime):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CheckpointedMLP().double()
-    ref = clone_model(model)
-    compiled = compile_memcompile(model, runtime=runtime)
+    model = seeded(CheckpointedMLP)
+    compiled, ref = compiled_and_reference(model, runtime=runtime)
     assert_step_exact(compiled, ref, mlp_inputs(input_grad=True), grad_inputs=("x",))
 
 
@@ -304,11 +296,8 @@ class BatchNormModel(nn.Module):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_batchnorm_running_stats(runtime):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = BatchNormModel().double()
-    ref = clone_model(model)
-    compiled = compile_memcompile(model, runtime=runtime)
+    model = seeded(BatchNormModel)
+    compiled, ref = compiled_and_reference(model, runtime=runtime)
     for seed in (0, 1):
         x = torch.randn(8, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         assert_step_exact(compiled, ref, (x,))
