@@ -28,11 +28,6 @@ def check_available(options: Options) -> None:
             "memcompile option 'stream': StreamBP is not available yet; valid now: 'auto' "
             "(which leaves graphs unchanged until it is) or False"
         )
-    if options.memory_budget not in ("auto", None):
-        raise NotAvailableError(
-            "memcompile option 'memory_budget': budgets in bytes or as a fraction need the "
-            "rematerialization planner, which is not available yet; valid now: 'auto' or None"
-        )
 
 
 def memcompile(

@@ -15,6 +15,15 @@ DECISIONS = "memcompile.decisions"
 NOTES = "memcompile.notes"
 """gm.meta key: list of (pass_name, text): why a pass left the graph unchanged, and the like."""
 
+REMAT = "memcompile.remat"
+"""node.meta key: "save" or "recompute", a rematerialization plan's tag on a forward value."""
+JOINT = "memcompile.joint"
+"""gm.meta key on a joint graph: {"num_fwd_outputs": int, "static_lifetime_input_indices": list},
+what the partition knows about the joint graph and passes need to tell forward from backward."""
+
+REMAT_PLAN = "memcompile.remat_plan"
+"""gm.meta key on a joint graph: the `RematSummary` of the plan chosen for it."""
+
 DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded")
 
 

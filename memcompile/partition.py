@@ -4,9 +4,12 @@ AOTAutograd (eager runtime) or Inductor (inductor runtime) calls `MemcompilePart
 joint forward+backward graph. It runs the pass pipeline on it, splits it into forward and
 backward, and records what the split saved and what it recomputes as `Decision`s.
 
-The split honours `torch.utils.checkpoint` regions and selective-checkpoint tags (they arrive as
-`node.meta["recompute"]`); values outside them are saved or recomputed by torch's min-cut
-partitioner, which treats fusible pointwise ops as cheap to recompute.
+Before the passes, the joint graph is prepared as torch's min-cut partitioner prepares it
+(dead code and common subexpressions removed, checkpoint-region boundaries and collectives,
+effectful ops and mutated sources marked MUST_SAVE), so a planner sees the graph that is split.
+When `plan_remat` tagged the graph, `remat_split` applies its plan; otherwise (the pass disabled
+or not applicable) torch's min-cut partitioner splits it, honouring `torch.utils.checkpoint`
+regions and selective-checkpoint tags (`node.meta["recompute"]`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._functorch import config as functorch_config
+from torch._functorch.compile_utils import fx_graph_cse
+from torch._functorch.partitioners import (
+    cleanup_recompute_tags,
+    force_save_bw_mutation_src,
+    force_save_collectives,
+    force_save_effectful_ops,
+    has_recomputable_ops,
+    min_cut_rematerialization_partition,
+)
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 from torch.utils._pytree import tree_leaves
@@ -29,7 +41,8 @@ from memcompile.analysis.memory import is_tangent, new_bytes, storage_key, tenso
 import memcompile as memcompile_package
 import memcompile.passes as memcompile_passes
 from memcompile.config import Options
-from memcompile.meta import Decision, record_decision
+from memcompile.meta import JOINT, Decision, record_decision
+from memcompile.passes.remat_split import has_remat_tags, split_by_remat_tags
 from memcompile.report import GraphRecord
 from memcompile.runner import run_passes
 
@@ -61,13 +74,26 @@ class MemcompilePartitioner(CustomPartitionerFn):
         self.record.kind = "training"
         self.record.num_user_outputs = kwargs["num_fwd_outputs"]
         self.record.joint_before = gm.code
+        gm = prepare_joint(gm)
+        gm.meta[JOINT] = {
+            "num_fwd_outputs": kwargs["num_fwd_outputs"],
+            "static_lifetime_input_indices": list(kwargs.get("static_lifetime_input_indices")
+                                                  or ()),
+        }
         gm, self.record.passes = run_passes(
             gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
         )
-        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
-        for graph in (fw, bw):
-            _fill_rng_wrapper_vals(graph)
-        _record_split_decisions(gm, fw, bw)
+        if has_remat_tags(gm):
+            fw, bw, _ = split_by_remat_tags(
+                gm, num_fwd_outputs=kwargs["num_fwd_outputs"],
+                static_lifetime_input_indices=kwargs.get("static_lifetime_input_indices"))
+            for graph in (fw, bw):
+                _fill_rng_wrapper_vals(graph)
+        else:
+            fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
+            for graph in (fw, bw):
+                _fill_rng_wrapper_vals(graph)
+            _record_split_decisions(gm, fw, bw)
         self.record.set_split(gm, fw, bw)
         if self.options.dump_dir:
             self.record.dump(self.options.dump_dir)
@@ -84,6 +110,23 @@ class MemcompilePartitioner(CustomPartitionerFn):
         (The Inductor runtime also turns AOTAutograd's cache off, so the passes always run.)
         """
         return get_hash_for_files(_SOURCE_FILES, extra=repr(self.options))
+
+
+def prepare_joint(gm: fx.GraphModule) -> fx.GraphModule:
+    """The joint graph as torch's min-cut partitioner prepares it before choosing what to save:
+    without dead code or repeated subexpressions, with MUST_SAVE on checkpoint-region boundaries,
+    collectives, effectful ops and the sources of mutations the backward replays."""
+    gm.graph.eliminate_dead_code()
+    if functorch_config.cse:
+        gm.graph = fx_graph_cse(gm.graph)
+    if has_recomputable_ops(gm):
+        gm = cleanup_recompute_tags(gm, is_default_partition=False)
+    if not functorch_config.unsafe_allow_optimization_of_collectives:
+        force_save_collectives(gm)
+    force_save_effectful_ops(gm)
+    force_save_bw_mutation_src(gm)
+    gm.recompile()
+    return gm
 
 
 def _flat_inputs(joint_inputs: Sequence[Any]) -> list[Any]:

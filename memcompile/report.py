@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 
 from memcompile.analysis.memory import MemorySimulation, MissingMetadataError, simulate_step
-from memcompile.meta import DECISION_KINDS, DECISIONS, NOTES, Decision
+from memcompile.meta import DECISION_KINDS, DECISIONS, NOTES, REMAT_PLAN, Decision
 
 _graph_ids = itertools.count()
 _active_recorders: list[list[GraphRecord]] = []
@@ -41,6 +41,8 @@ class GraphRecord:
     num_user_outputs: int = 0
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
+    plan: Any = None
+    """The rematerialization planner's summary (`passes.remat_plan.RematSummary`), if it ran."""
     _simulation: MemorySimulation | None = field(default=None, repr=False)
 
     def set_split(self, joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
@@ -49,6 +51,7 @@ class GraphRecord:
         self.forward, self.backward = fw, bw
         self.forward_code, self.backward_code = fw.code, bw.code
         self.notes = list(joint.meta.get(NOTES, []))
+        self.plan = joint.meta.get(REMAT_PLAN)
         self.decisions = [*joint.meta.get(DECISIONS, []), *fw.meta.get(DECISIONS, []),
                           *bw.meta.get(DECISIONS, [])]
 

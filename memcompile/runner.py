@@ -19,7 +19,7 @@ from typing import Any
 import torch.fx as fx
 
 from memcompile.config import Options
-from memcompile.errors import PassError
+from memcompile.errors import MemoryBudgetError, PassError
 from memcompile.meta import NOTES
 from memcompile.passes.registry import get_pass, resolve_pipeline
 
@@ -75,6 +75,8 @@ def run_passes(
             result = get_pass(name)(gm, example_inputs, options=options)
             if not isinstance(result, fx.GraphModule):
                 raise TypeError(f"returned {type(result).__name__}, not a GraphModule")
+        except MemoryBudgetError:
+            raise  # the user's budget, not a broken pass: the error says what is reachable
         except Exception as e:
             path = _dump_failure(gm, options.dump_dir, graph_name, index, name)
             raise PassError(name, names[:index], path, e) from e

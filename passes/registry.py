@@ -65,4 +65,6 @@ def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> li
 def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
+    # The default pipeline runs in import order.
     from memcompile.passes import remove_noops  # noqa: F401
+    from memcompile.passes import remat_plan  # noqa: F401, I001

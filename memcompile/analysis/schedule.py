@@ -1,0 +1,274 @@
+"""What a rematerialization plan implies, and its simulated peak, without building any graph.
+
+A plan is the set of storage groups (`JointGraph.group_of`) the backward recomputes instead of
+saving. `layout(joint, evicted)` derives from it what is saved, what is recomputed, and the order
+both graphs run in. A value the backward reads is saved unless its group is evicted; then it is
+recomputed from its inputs, each of which is in turn saved (even one the backward never read
+before, such as the input of a cheap op) or, if evicted too, recomputed.
+
+- the forward runs in graph order and returns its outputs and the saved values;
+- the backward runs its tangent-dependent ops in graph order (autograd's order) and every other
+  op *lazily*: right before the first op that needs it. Recomputation thus happens segment by
+  segment, next to its use, rather than all at the start of the backward, where torch's
+  partitioner puts it (research/torch_remat.md, section 2.4);
+- in both, each `getitem` runs right after the op it reads, so a tuple is not held longer.
+
+`simulate_layout` counts the bytes live at every step of that schedule, exactly as
+`memcompile.analysis.memory.simulate_step` counts them on the graphs the split builds (tests check
+the two agree to the byte), but on integers read once, so a planner can afford hundreds of
+simulations per graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from operator import getitem
+
+import torch
+import torch.fx as fx
+
+from memcompile.analysis.joint import JointGraph
+from memcompile.analysis.memory import _obeys_layout_contract
+
+_EXTERNAL, _FORWARD, _BACKWARD, _TANGENT = "X", "F", "B", "T"
+
+
+@dataclass
+class Layout:
+    """What a plan saves and recomputes, and the order each graph runs in."""
+
+    evicted: frozenset[int]
+    saved: list[fx.Node]
+    """Forward values handed to the backward (inputs and symbolic sizes included), graph order."""
+    recomputed: list[fx.Node]
+    """Forward nodes the backward runs again, in graph order."""
+    forward_order: list[fx.Node]
+    backward_order: list[fx.Node]
+
+
+def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
+    """The saved set, recomputed set and both schedules of the plan that recomputes `evicted`."""
+    evicted = frozenset(evicted)
+    saved: set[fx.Node] = set()
+    recomputed: set[fx.Node] = set()
+    stack = list(joint.needed)
+    while stack:
+        value = stack.pop()
+        if value in saved or value in recomputed:
+            continue
+        group = joint.group_of.get(value)
+        if (group is None or group not in evicted or value in joint.banned
+                or not joint.is_tensor(value)):
+            saved.add(value)  # an input, a symbolic size, or a value the plan keeps
+        else:
+            recomputed.add(value)
+            stack.extend(i for i in value.all_input_nodes if i in joint.forward)
+    by_order = joint.order.__getitem__
+    fwd_roots = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
+    fwd_roots += [v for v in saved if v.op != "placeholder"]
+    forward_nodes = _closure(fwd_roots, joint.forward)
+    forward_order = _raise_getitems(
+        sorted((n for n in forward_nodes if n.op != "placeholder"), key=by_order), forward_nodes)
+    backward_order = _lazy_backward_order(joint, recomputed)
+    return Layout(evicted, sorted(saved, key=by_order), sorted(recomputed, key=by_order),
+                  forward_order, backward_order)
+
+
+def _closure(roots: Iterable[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [r for r in roots if r in within]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(i for i in node.all_input_nodes if i in within and i not in seen)
+    return seen
+
+
+def _raise_getitems(order: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    """`order` with each getitem moved right after the op whose tuple it reads."""
+    items = {n for n in order if n.target is getitem and n.args[0] in members}
+    result: list[fx.Node] = []
+    for node in order:
+        if node in items:
+            continue
+        result.append(node)
+        result.extend(u for u in node.users if u in items)
+    return result
+
+
+def _lazy_backward_order(joint: JointGraph, recomputed: set[fx.Node]) -> list[fx.Node]:
+    """Tangent-dependent ops in graph order; every other op right before its first consumer."""
+    members = recomputed | set(joint.backward)
+    placed: set[fx.Node] = set()
+    order: list[fx.Node] = []
+
+    def place(root: fx.Node) -> None:
+        # Iterative post-order: a chain of recomputed layers can be thousands of nodes deep.
+        stack: list[tuple[fx.Node, bool]] = [(root, False)]
+        while stack:
+            node, inputs_done = stack.pop()
+            if node in placed:
+                continue
+            if inputs_done:
+                placed.add(node)
+                order.append(node)
+                for user in node.users:  # getitems right after their tuple
+                    if user.target is getitem and user in members and user not in placed:
+                        placed.add(user)
+                        order.append(user)
+                continue
+            stack.append((node, True))
+            for inp in reversed(node.all_input_nodes):
+                if inp in members and inp not in placed:
+                    stack.append((inp, False))
+
+    for node in joint.backward:
+        if node in joint.tangent_dependent:
+            place(node)
+    for out in joint.bwd_outputs:
+        if isinstance(out, fx.Node) and out in members:
+            place(out)
+    return order
+
+
+@dataclass
+class PlanSimulation:
+    """The simulated step of one layout."""
+
+    peak_bytes: int
+    peak_phase: str
+    peak_node: str
+    saved_bytes: int
+    """Bytes live between the forward and the backward."""
+    live_at_peak: set[fx.Node]
+    """Saved forward values whose storage is live at the peak."""
+
+
+class _Live:
+    """Reference counts per storage instance; live bytes; when each saved storage lived."""
+
+    def __init__(self) -> None:
+        self.refs: dict[tuple[str, int], int] = {}
+        self.nbytes: dict[tuple[str, int], int] = {}
+        self.live = 0
+        self.events = 0
+        self.born: dict[int, int] = {}
+        self.died: dict[int, int] = {}
+
+    def hold(self, storages: tuple[tuple[tuple[str, int], int], ...]) -> None:
+        for inst, nbytes in storages:
+            count = self.refs.get(inst, 0)
+            if count == 0:
+                self.nbytes[inst] = nbytes
+                self.live += nbytes
+                if inst[0] == _FORWARD:
+                    self.born.setdefault(inst[1], self.events)
+            self.refs[inst] = count + 1
+
+    def release(self, storages: tuple[tuple[tuple[str, int], int], ...]) -> None:
+        for inst, _ in storages:
+            count = self.refs[inst] - 1
+            if count:
+                self.refs[inst] = count
+            else:
+                del self.refs[inst]
+                self.live -= self.nbytes.pop(inst)
+                if inst[0] == _FORWARD:
+                    self.died[inst[1]] = self.events
+
+
+def simulate_layout(joint: JointGraph, plan: Layout) -> PlanSimulation:
+    """Simulate one step of `plan`: bytes above what was live at its start, at every op."""
+    live = _Live()
+    peak = [-1, "", "", 0]  # bytes, phase, node, event number
+
+    def event(phase: str, name: str) -> None:
+        live.events += 1
+        if live.live > peak[0]:
+            peak[:] = [live.live, phase, name, live.events]
+
+    saved_keys = {k for v in plan.saved for k, _ in joint.storages[v]}
+    tangent_keys = {k for t in joint.tangents for k, _ in joint.storages[t]}
+
+    def fwd_value(node: fx.Node) -> tuple:
+        return tuple(((_FORWARD, k), b) for k, b in joint.storages[node]
+                     if k not in joint.external)
+
+    def bwd_value(node: fx.Node) -> tuple:
+        out = []
+        for k, b in joint.storages[node]:
+            if k in joint.external:
+                continue
+            tag = _TANGENT if k in tangent_keys else _FORWARD if k in saved_keys else _BACKWARD
+            out.append(((tag, k), b))
+        return tuple(out)
+
+    # The forward graph: the inputs cost nothing; each value dies after its last use, except
+    # what it returns (the user's outputs, then the saved values).
+    fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
+    returned = [*fwd_outputs, *plan.saved]
+    _run(plan.forward_order, fwd_value, {}, set(returned), live, event, "forward")
+    handed_over = [fwd_value(v) for v in returned]
+    for value in handed_over:
+        live.hold(value)
+    for node in set(returned):
+        live.release(fwd_value(node) if node.op != "placeholder" else ())
+    saved_bytes = live.live
+
+    # The backward: autograd holds the tangents throughout; the saved values move to the graph.
+    for tangent in joint.tangents:
+        live.hold(bwd_value(tangent))
+    event("backward", "tangents")
+    placeholders = {v: bwd_value(v) for v in [*plan.saved, *joint.tangents]}
+    for value in placeholders.values():
+        live.hold(value)
+    for value in handed_over[len(fwd_outputs):]:
+        live.release(value)
+    grads = list(joint.bwd_outputs)
+    grad_nodes = {g for g in grads if isinstance(g, fx.Node)}
+    _run(plan.backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward")
+    grad_values = [bwd_value(g) if isinstance(g, fx.Node) else () for g in grads]
+    for value in grad_values:
+        live.hold(value)
+    for node in grad_nodes:
+        live.release(bwd_value(node))
+    # AccumulateGrad copies a gradient whose strides break the parameter's layout, then drops it.
+    for primal, grad, value in zip(joint.primals, grads, grad_values):
+        param = primal.meta.get("val")
+        if (isinstance(grad, fx.Node) and value and isinstance(param, torch.Tensor)
+                and not _obeys_layout_contract(grad.meta["val"], param)):
+            live.live += int(param.numel()) * param.element_size()
+            event("accumulate", primal.name)
+            live.release(value)
+
+    peak_bytes, phase, name, at = peak
+    live_at_peak = {
+        v for v in plan.saved for k, _ in joint.storages[v]
+        if k in live.born and live.born[k] < at <= live.died.get(k, at)
+    }
+    return PlanSimulation(max(peak_bytes, 0), phase, name, saved_bytes, live_at_peak)
+
+
+def _run(order, value_of, placeholders, returned, live, event, phase) -> None:
+    """One graph: hold each op's value, then drop what this op used for the last time."""
+    members = set(order)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in order:
+        for inp in node.all_input_nodes:
+            if inp in members or inp in placeholders:
+                last_use[inp] = node
+    frees: dict[fx.Node, list[fx.Node]] = {}
+    for value, user in last_use.items():
+        if value not in returned:
+            frees.setdefault(user, []).append(value)
+    values = dict(placeholders)
+    for node in order:
+        value = values[node] = value_of(node)
+        live.hold(value)
+        event(phase, node.name)
+        for dead in frees.get(node, ()):
+            live.release(values[dead])
+        if node not in last_use and node not in returned:
+            live.release(value)
