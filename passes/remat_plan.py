@@ -320,6 +320,8 @@ def tag_plan(joint: JointGraph, point: PlanPoint, node_seconds: dict[fx.Node, fl
         if node.op == "placeholder" or not joint.is_tensor(node):
             continue
         node.meta[REMAT] = "save"
+        if not joint.bytes_of(node):
+            continue  # a view of an input (a weight's transpose): saving it costs nothing
         fresh = [(k, b) for k, b in joint.storages[node] if k not in joint.external
                  and k not in counted]
         counted.update(k for k, _ in fresh)
@@ -335,7 +337,9 @@ def tag_plan(joint: JointGraph, point: PlanPoint, node_seconds: dict[fx.Node, fl
     for node in point.layout.recomputed:
         node.meta[REMAT] = "recompute"
         seconds = node_seconds.get(node, 0.0)
-        reason = ("the model's checkpoint region asks for it" if node in joint.model_recompute
+        policy = node.meta.get("recompute")
+        reason = (f"inside a torch.utils.checkpoint region ({policy.name})"
+                  if node in joint.model_recompute
                   else "recomputed in the backward right before its first use")
         record_decision(gm, Decision(PASS_NAME, "recomputed", node.name, joint.bytes_of(node),
                                      f"{reason} (~{seconds * 1e6:.0f} us)"))

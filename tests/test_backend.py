@@ -60,7 +60,6 @@ def test_bad_option_names_the_key_at_first_call():
     ({"sequence_parallel": True}, "attention across devices is not available yet"),
     ({"sequence_parallel": {}}, "attention across devices is not available yet"),
     ({"stream": True}, "StreamBP is not available yet"),
-    ({"memory_budget": 0.5}, "rematerialization planner, which is not available yet"),
 ])
 def test_unbuilt_features_are_refused_clearly(options, fragment):
     with pytest.raises(memcompile.NotAvailableError, match=fragment):

@@ -32,9 +32,8 @@ def test_report_on_a_checkpointed_model():
     for node in ("mm", "gelu"):  # the checkpointed block
         assert recomputed[node].bytes == MiB
         assert "inside a torch.utils.checkpoint region" in recomputed[node].reason
-    assert recomputed["tanh"].reason.startswith("min-cut: cheaper to recompute")
     saved = {d.node: d for d in graph.decisions_of("saved")}
-    assert list(saved) == ["mm_1"] and saved["mm_1"].bytes == MiB
+    assert list(saved) == ["tanh"] and saved["tanh"].bytes == MiB  # tanh's backward reads it
     assert report.simulated_peak_bytes == report.measured["tracked"] == report.measured["allocator"]
     assert model.a.weight.grad is None  # the user's gradients are left as they were
 
@@ -48,7 +47,8 @@ def test_report_text_and_graphs():
     assert "pass remove_noops:" in text and "simulated peak" in text
     assert f"measured allocator {report.measured['allocator']:,} B" in text
     stages = report.graphs["graph_" + report.records[0].name.split("_")[1]]
-    assert list(stages) == ["joint", "after remove_noops", "forward", "backward"]
+    assert list(stages) == ["joint", "after remove_noops", "after plan_remat", "forward",
+                            "backward"]
     assert "aten.detach" in stages["joint"] and "aten.detach" not in stages["after remove_noops"]
 
 

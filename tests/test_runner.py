@@ -145,7 +145,7 @@ def test_torch_logs_shows_the_passes():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "graph_0: running passes ['remove_noops']" in result.stderr
+    assert "graph_0: running passes ['remove_noops', 'plan_remat']" in result.stderr
     assert "graph_0: pass remove_noops took" in result.stderr
     assert "saved" in result.stderr and "recomputed" in result.stderr
 
@@ -163,4 +163,4 @@ def test_dump_dir_gets_the_split_and_the_decisions(tmp_path):
     assert "def forward" in (folder / "backward.py").read_text()
     rows = (folder / "decisions.tsv").read_text().splitlines()
     assert rows[0] == "pass\tkind\tnode\tbytes\treason"
-    assert any(row.startswith("partition\tsaved\ttanh\t64\t") for row in rows)
+    assert any(row.startswith("plan_remat\tsaved\ttanh\t64\t") for row in rows)

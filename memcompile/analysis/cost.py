@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
 from memcompile.analysis.memory import _tensors, concrete, storage_key
@@ -101,7 +103,12 @@ def _median_seconds(fn, repeat: int = 7) -> float:
 @functools.lru_cache(maxsize=None)
 def _calibrate(device: str) -> CostModel:
     """Time a tiny op (overhead), a large add (bandwidth) and a matmul (FLOP rate)."""
-    dev = torch.device(device)
+    # Planning runs inside AOTAutograd's FakeTensorMode: time real tensors, not fake ones.
+    with unset_fake_temporarily(), _disable_current_modes():
+        return _time_ops(torch.device(device))
+
+
+def _time_ops(dev: torch.device) -> CostModel:
     tiny = torch.ones(1, device=dev)
     overhead = _median_seconds(lambda: aten.add.Tensor(tiny, tiny), repeat=51)
     big = torch.ones(1 << 22, device=dev)
@@ -113,6 +120,6 @@ def _calibrate(device: str) -> CostModel:
     mm_bytes = 3 * n * n * a.element_size()
     per_flop = max(mm_seconds - overhead - per_byte * mm_bytes, 1e-15) / (2 * n ** 3)
     model = CostModel(overhead, per_byte, per_flop)
-    log.info("cost model for %s: %.2e s/op, %.2e s/byte, %.2e s/FLOP", device, *(
+    log.info("cost model for %s: %.2e s/op, %.2e s/byte, %.2e s/FLOP", dev, *(
         model.seconds_per_op, model.seconds_per_byte, model.seconds_per_flop))
     return model
