@@ -97,7 +97,7 @@ class RematPlanner:
                       if batch is None else batch)
         self._signatures: dict[int, tuple] = {}
         self._rejected: set[int] = set()
-        self.width = 3 if self.batch else 8
+        self.width = 2 if self.batch else 8
         self.detours_left = _DETOURS
         """How many candidate moves each step of the chain simulates."""
         self._points: dict[frozenset[int], PlanPoint] = {}

@@ -1,4 +1,5 @@
-"""Tests of `memcompile bench`: argument parsing, slope fitting, the table, one real run."""
+"""Tests of `memcompile bench`: argument parsing, slope fitting, the table, the plane of peak
+against step time, one real run."""
 
 from __future__ import annotations
 
@@ -96,6 +97,12 @@ def test_parse_everything():
                                      "budget_<float in [0, 1]>"]),
         (["--modes", "budget_1.5"], ["unknown mode 'budget_1.5'", "budget_<float in [0, 1]>"]),
         (["--modes", "budget_x"], ["unknown mode 'budget_x'"]),
+        (["--modes", "mcbudget_0"], ["unknown mode 'mcbudget_0'", "mcbudget_<float in (0, 1]>",
+                                     "mcbudget_auto", "mcbudget_none"]),
+        (["--modes", "mcbudget_1.5"], ["unknown mode 'mcbudget_1.5'", "mcbudget_<float"]),
+        (["--modes", "mcbudget_fast"], ["unknown mode 'mcbudget_fast'", "mcbudget_auto"]),
+        (["--modes", "mcbudget_"], ["unknown mode 'mcbudget_'"]),
+        (["--modes", "mcbudget_0.5,mcbudget_0.5"], ["appears twice"]),
         (["--options", "{runtime: eager}"], ["--options is not valid JSON", '"runtime"']),
         (["--options", "[1, 2]"], ["must be a JSON object, got list"]),
         (["--options", '{"runtim": "eager"}'], ["'runtim'", "unknown option", "runtime"]),
@@ -129,6 +136,43 @@ def test_parse_functions_directly():
     assert parse_options("{}") == {}
     with pytest.raises(ValueError, match="valid modes"):
         parse_modes("")
+
+
+def test_parse_mc_budget_modes():
+    modes = "eager,budget_0.5,mcbudget_0.5,mcbudget_1,mcbudget_auto,mcbudget_none"
+    assert parse_modes(modes) == modes.split(",")
+    assert bench.mc_budget_options("mcbudget_0.5") == {"memory_budget": 0.5}
+    one = bench.mc_budget_options("mcbudget_1")["memory_budget"]
+    assert one == 1.0 and isinstance(one, float)  # an int budget would mean 1 byte
+    assert bench.mc_budget_options("mcbudget_auto") == {"memory_budget": "auto"}
+    assert bench.mc_budget_options("mcbudget_none") == {"memory_budget": None}
+    for mode in ("memcompile", "budget_0.5", "mcbudget_0", "mcbudget_nan", "mcbudget_x"):
+        assert bench.mc_budget_options(mode) is None, mode
+    assert [bench.is_budget_mode(m) for m in modes.split(",")] == [False] + [True] * 5
+    # The recorded command parses back to the same modes.
+    args = parse("--model", "tiny", "--seq-lens", "64", "--out", "o", "--modes", modes)
+    again = make_parser().parse_args(shlex.split(bench.format_command(args))[1:])
+    assert again.modes == args.modes
+
+
+def test_mc_budget_mode_sets_memory_budget_over_options(monkeypatch):
+    import torch
+
+    from memcompile.bench import worker
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    options = {"runtime": "eager", "memory_budget": "auto"}
+    worker._wrap("model", "mcbudget_0.4", options)
+    worker._wrap("model", "mcbudget_none", options)
+    worker._wrap("model", "memcompile", options)
+    assert [c["backend"] for c in calls] == ["memcompile"] * 3
+    assert [c["options"] for c in calls] == [
+        {"runtime": "eager", "memory_budget": 0.4},
+        {"runtime": "eager", "memory_budget": None},
+        options,
+    ]
+    assert options == {"runtime": "eager", "memory_budget": "auto"}  # not changed in place
 
 
 # ----------------------------------------------------------------------------------- slopes
@@ -251,6 +295,118 @@ def test_run_config_timeout_is_a_row():
     result = bench.run_config(spec, timeout=0.2)  # python cannot even import torch in 0.2 s
     assert result["ok"] is False
     assert result["error"] == "timed out after 0.2 s"
+
+
+def wrapped_budget_error() -> Exception:
+    """A `MemoryBudgetError` as Dynamo raises it: inside another error, ``from None``."""
+    from memcompile.errors import MemoryBudgetError
+
+    try:
+        try:
+            raise MemoryBudgetError(1000, 5 * MIB)
+        except MemoryBudgetError:
+            raise RuntimeError("backend='memcompile' raised: ...") from None
+    except RuntimeError as outer:
+        return outer
+
+
+def test_unreachable_budget_is_a_row(monkeypatch, capsys):
+    from memcompile.bench import worker
+
+    def run_worker(spec):
+        raise wrapped_budget_error()
+
+    monkeypatch.setattr(worker, "run_worker", run_worker)
+    spec = {"mode": "mcbudget_0.1", "seq_len": 8}
+    assert worker.worker_main(json.dumps(spec)) == 1
+    result = bench._last_json_line(capsys.readouterr().out)
+    assert result["ok"] is False and result["mode"] == "mcbudget_0.1"
+    assert result["status"] == "budget unreachable"
+    assert (result["least_peak_bytes"], result["budget_bytes"]) == (5 * MIB, 1000)
+    assert result["error"].startswith("budget unreachable: MemoryBudgetError: memory_budget of")
+
+
+def test_other_failures_have_no_budget_status():
+    from memcompile.bench import worker
+
+    assert worker._budget_error(RuntimeError("out of memory")) is None
+    assert worker._budget_error(wrapped_budget_error()).least_peak_bytes == 5 * MIB
+
+
+# ------------------------------------------------------------------------------------ plane
+
+
+def plane_rows() -> list[dict]:
+    """One length (1024), every kind of point: singles, both sweeps, unreachable, failed."""
+    unreachable = {"mode": "mcbudget_0.2", "seq_len": 1024, "tokens": 1024, "ok": False,
+                   "status": "budget unreachable", "least_peak_bytes": 150 * MIB,
+                   "budget_bytes": 80 * MIB, "error": "budget unreachable: MemoryBudgetError"}
+    return [
+        row("eager", 1024, 550, 4.0), row("checkpoint", 1024, 390, 5.0),
+        row("inductor", 1024, 320, 4.0), row("budget_0.5", 1024, 270, 4.5),
+        row("budget_0.0", 1024, 345, 5.5), row("mcbudget_0.5", 1024, 200, 4.6),
+        row("mcbudget_auto", 1024, 160, 5.0), unreachable, row("budget_0.1", 1024, None),
+    ]
+
+
+PLANE_MODES = ["eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "budget_0.1",
+               "mcbudget_0.5", "mcbudget_auto", "mcbudget_0.2"]
+
+
+def test_has_plane_needs_two_budget_modes():
+    assert bench.has_plane(PLANE_MODES)
+    assert bench.has_plane(["budget_0.5", "mcbudget_auto"])
+    assert not bench.has_plane(["eager", "checkpoint", "budget_0.5", "memcompile"])
+    assert not bench.has_plane(["mcbudget_auto"])
+
+
+def test_plane_table_sorted_by_peak_with_time_ratios():
+    text = bench.render_plane_table(plane_rows(), 1024, modes=PLANE_MODES)
+    assert text.splitlines()[0] == "| mode | peak MiB | step s | time / checkpoint | note |"
+    rows = table_rows(text)
+    assert list(rows) == ["mcbudget_auto", "mcbudget_0.5", "budget_0.5", "inductor",
+                          "budget_0.0", "checkpoint", "eager", "budget_0.1", "mcbudget_0.2"]
+    assert rows["mcbudget_auto"] == ["160.0", "5.00", "1.00", ""]
+    assert rows["mcbudget_0.5"] == ["200.0", "4.60", "0.92", ""]
+    assert rows["budget_0.0"] == ["345.0", "5.50", "1.10", ""]
+    assert rows["eager"] == ["550.0", "4.00", "0.80", ""]
+    assert rows["budget_0.1"] == ["—", "—", "—", "failed"]
+    assert rows["mcbudget_0.2"] == ["—", "—", "—",
+                                    "budget unreachable (planner's least peak 150.0 MiB)"]
+
+
+def test_plane_points_series_and_missing_reference():
+    rows = [r for r in plane_rows() if r["mode"] != "checkpoint"]
+    points = {p["mode"]: p for p in bench.plane_points(rows, 1024)}
+    assert points["budget_0.5"]["series"] == "torch"
+    assert points["mcbudget_auto"]["series"] == "memcompile"
+    assert points["eager"]["series"] == points["inductor"]["series"] == "single"
+    assert points["eager"]["time_ratio"] is None  # no checkpoint row: no ratio
+    assert bench.plane_points(rows, 1024, modes=["checkpoint"])[0]["note"] == "not run"
+
+
+def test_markdown_has_plane_only_with_budget_sweeps():
+    results = {"command": "memcompile bench --model small", "model": "small",
+               "dtype": "float32", "batch_size": 1, "date": "2025-01-01T00:00:00+00:00",
+               "repeat": 3, "seq_lens": [1024], "modes": PLANE_MODES, "rows": plane_rows()}
+    text = render_markdown(results)
+    assert "## Peak against step time" in text and "### Sequence length 1024" in text
+    assert bench.render_plane_table(results["rows"], 1024, modes=PLANE_MODES) in text
+    assert "`mcbudget_0.2` at 1024: budget unreachable" in text
+    without = {**results, "modes": ["eager", "checkpoint", "budget_0.5"],
+               "rows": [r for r in results["rows"]
+                        if r["mode"] in ("eager", "checkpoint", "budget_0.5")]}
+    assert "Peak against step time" not in render_markdown(without)
+
+
+def test_plot_plane_writes_png(tmp_path):
+    results = {"model": "small", "dtype": "float32", "seq_lens": [1024], "modes": PLANE_MODES,
+               "rows": plane_rows()}
+    assert bench.plot_plane(results, tmp_path / "plane.png")
+    assert (tmp_path / "plane.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    failed = {**results, "rows": [r for r in plane_rows() if not r["ok"]]}
+    assert not bench.plot_plane(failed, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 # ------------------------------------------------------------------------------- end to end

@@ -22,9 +22,16 @@ Modes:
 - `budget_<f>`: `torch.compile(model)` with `torch._functorch.config.activation_memory_budget = f`
   for the whole run (`budget_0.5`, `budget_0.0`, any float in [0, 1]).
 - `memcompile`: `torch.compile(model, backend="memcompile", options=<--options>)`.
+- `mcbudget_<x>`: memcompile with `memory_budget` = x set over `--options`: a float in (0, 1]
+  (a fraction of the save-everything plan's peak), `auto` or `none` (`mcbudget_0.5`,
+  `mcbudget_auto`). A budget below the least peak memcompile's planner reaches is a row with
+  status "budget unreachable" and that least peak, not a crash.
 
 Outputs in `--out`: `results.json` (every row and the command), `bench.md` (the table, also
-printed) and `bench.png` (peak and step time against tokens).
+printed) and `bench.png` (peak and step time against tokens). With more than one budget mode
+(`budget_*`, `mcbudget_*`), also the plane: per length, a table of every mode sorted by peak
+with its step time and time against `checkpoint` (in `bench.md`, also printed), and
+`plane.png`, step time against peak.
 
 Modules: `args` (the command line), `worker` (one configuration, in its own process), `launch`
 (the driver and the command's entry), `results` (slope, table, markdown, plot).
@@ -37,13 +44,23 @@ from memcompile.bench.args import (
     add_bench_parser,
     budget_of,
     format_command,
+    is_budget_mode,
+    mc_budget_options,
     parse_model,
     parse_modes,
     parse_options,
     parse_seq_lens,
 )
 from memcompile.bench.launch import _last_json_line, main, run_bench_command, run_config
-from memcompile.bench.results import fit_slope, render_markdown, render_table
+from memcompile.bench.results import (
+    fit_slope,
+    has_plane,
+    plane_points,
+    plot_plane,
+    render_markdown,
+    render_plane_table,
+    render_table,
+)
 from memcompile.bench.worker import worker_main
 
 __all__ = [
@@ -53,12 +70,18 @@ __all__ = [
     "budget_of",
     "fit_slope",
     "format_command",
+    "has_plane",
+    "is_budget_mode",
     "main",
+    "mc_budget_options",
     "parse_model",
     "parse_modes",
     "parse_options",
     "parse_seq_lens",
+    "plane_points",
+    "plot_plane",
     "render_markdown",
+    "render_plane_table",
     "render_table",
     "run_bench_command",
     "run_config",

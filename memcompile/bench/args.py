@@ -14,11 +14,14 @@ from typing import Any
 FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
-    "eager, checkpoint, inductor, memcompile, budget_<float in [0, 1]> (e.g. budget_0.5)"
+    "eager, checkpoint, inductor, memcompile, budget_<float in [0, 1]> (e.g. budget_0.5), "
+    "mcbudget_<float in (0, 1]>, mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
 )
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 _BUDGET_RE = re.compile(r"^budget_(.+)$")
+_MC_BUDGET_RE = re.compile(r"^mcbudget_(.+)$")
+_MC_BUDGET_WORDS = {"auto": "auto", "none": None}
 
 
 def parse_seq_lens(text: str) -> list[int]:
@@ -57,6 +60,31 @@ def budget_of(mode: str) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+def mc_budget_options(mode: str) -> dict[str, Any] | None:
+    """The memcompile options an `mcbudget_<x>` mode sets over ``--options``, or None otherwise.
+
+    ``mcbudget_0.5`` gives ``{"memory_budget": 0.5}`` (a fraction of the save-everything plan's
+    peak, in (0, 1]); ``mcbudget_auto`` and ``mcbudget_none`` give "auto" and None.
+    """
+    match = _MC_BUDGET_RE.match(mode)
+    if match is None:
+        return None
+    text = match.group(1)
+    if text in _MC_BUDGET_WORDS:
+        return {"memory_budget": _MC_BUDGET_WORDS[text]}
+    try:
+        value = float(text)  # always a float: an int budget would mean bytes
+    except ValueError:
+        return None
+    return {"memory_budget": value} if 0.0 < value <= 1.0 else None
+
+
+def is_budget_mode(mode: str) -> bool:
+    """Whether `mode` is a point on a budget sweep: torch's `budget_<f>` or memcompile's
+    `mcbudget_<x>`."""
+    return budget_of(mode) is not None or mc_budget_options(mode) is not None
+
+
 def parse_modes(text: str) -> list[str]:
     """Parse a comma-separated list of modes; raise `ValueError` naming a bad one."""
     modes = [m.strip() for m in text.split(",")]
@@ -64,7 +92,7 @@ def parse_modes(text: str) -> list[str]:
         raise ValueError(f"bad --modes {text!r}: write mode names separated by commas; "
                          f"valid modes: {VALID_MODES_TEXT}")
     for mode in modes:
-        if mode not in FIXED_MODES and budget_of(mode) is None:
+        if mode not in FIXED_MODES and not is_budget_mode(mode):
             raise ValueError(f"unknown mode {mode!r}; valid modes: {VALID_MODES_TEXT}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"bad --modes {text!r}: a mode appears twice")
@@ -185,7 +213,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--modes", type=argtype(parse_modes), default=list(DEFAULT_MODES),
                         help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})")
     parser.add_argument("--options", type=argtype(parse_options), default={},
-                        help="JSON object of memcompile options for the memcompile mode")
+                        help="JSON object of memcompile options for the memcompile and mcbudget_* "
+                             "modes (an mcbudget_* mode sets memory_budget over it)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--batch-size", type=argtype(positive_int), default=1)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")

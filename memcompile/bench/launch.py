@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from memcompile.bench.args import _model_text, add_bench_parser, format_command
-from memcompile.bench.results import _MIB, render_table, write_results
+from memcompile.bench.results import (
+    _MIB,
+    has_plane,
+    render_plane_table,
+    render_table,
+    write_results,
+)
 from memcompile.bench.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -156,8 +162,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     results = run_bench(args)
     print(render_table(results["rows"], seq_lens=results["seq_lens"], modes=results["modes"]))
-    print(f"\nwrote {args.out / 'results.json'}, {args.out / 'bench.md'}, "
-          f"{args.out / 'bench.png'}")
+    written = [args.out / name for name in ("results.json", "bench.md", "bench.png")]
+    if has_plane(results["modes"]):
+        for seq_len in results["seq_lens"]:
+            print(f"\npeak against step time at length {seq_len}:")
+            print(render_plane_table(results["rows"], seq_len, modes=results["modes"]))
+        written.append(args.out / "plane.png")
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""The bench's results: slope of peak against tokens, the table, `bench.md`, `bench.png`."""
+"""The bench's results: slope of peak against tokens, the table, `bench.md`, `bench.png`, and,
+when budget sweeps ran, the plane of peak against step time (`plane.png` and a table per length).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from memcompile.bench.args import budget_of, is_budget_mode, mc_budget_options
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     lines += [
         render_table(rows, seq_lens=results["seq_lens"], modes=results["modes"]),
     ]
+    if has_plane(results["modes"]):
+        lines += ["", "## Peak against step time", "",
+                  "Every mode at each length, sorted by peak; `budget_<f>` is torch's "
+                  "`activation_memory_budget`, `mcbudget_<x>` memcompile's `memory_budget`. "
+                  "Plot: `plane.png`."]
+        for seq_len in results["seq_lens"]:
+            lines += ["", f"### Sequence length {seq_len}", "",
+                      render_plane_table(rows, seq_len, modes=results["modes"])]
     failed = [r for r in rows if not r.get("ok")]
     if failed:
         lines += ["", "Failed configurations:", ""]
@@ -178,8 +190,117 @@ def plot_results(results: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
+def has_plane(modes: Sequence[str]) -> bool:
+    """Whether the plane outputs apply: more than one budget mode (`budget_*`, `mcbudget_*`)."""
+    return sum(map(is_budget_mode, modes)) > 1
+
+
+def _series(mode: str) -> str:
+    """Which series of the plane a mode belongs to: "torch", "memcompile", or "single"."""
+    if budget_of(mode) is not None:
+        return "torch"
+    if mc_budget_options(mode) is not None:
+        return "memcompile"
+    return "single"
+
+
+def plane_points(rows: Sequence[Mapping[str, Any]], seq_len: int,
+                 modes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One point per mode at `seq_len`: peak MiB, step seconds, time / `checkpoint`, the series
+    and a note (why there is no point); sorted by peak, modes without a peak last.
+
+    `modes` defaults to those in `rows`, in first-seen order.
+    """
+    at_len = {r["mode"]: r for r in rows if r["seq_len"] == seq_len}
+    modes = list(modes or at_len)
+    ref = at_len.get(REFERENCE_MODE, {})
+    ref_seconds = ref.get("seconds") if ref.get("ok") else None
+    points = []
+    for mode in modes:
+        row = at_len.get(mode)
+        ok = bool(row and row.get("ok"))
+        note = ""
+        if row is None:
+            note = "not run"
+        elif row.get("status") == "budget unreachable":
+            least = row.get("least_peak_bytes")
+            note = "budget unreachable" + (
+                f" (planner's least peak {_fmt(least / _MIB)} MiB)" if least is not None else "")
+        elif not ok:
+            note = "failed"
+        points.append({
+            "mode": mode, "series": _series(mode),
+            "peak_mib": row["peak_bytes"] / _MIB if ok else None,
+            "seconds": row["seconds"] if ok else None,
+            "time_ratio": _ratio(row["seconds"], ref_seconds) if ok else None,
+            "note": note,
+        })
+    return sorted(points, key=lambda p: (p["peak_mib"] is None, p["peak_mib"] or 0.0))
+
+
+def render_plane_table(rows: Sequence[Mapping[str, Any]], seq_len: int,
+                       modes: Sequence[str] | None = None) -> str:
+    """The markdown table of `plane_points` at `seq_len`: every mode, sorted by peak."""
+    header = ["mode", "peak MiB", "step s", f"time / {REFERENCE_MODE}", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in plane_points(rows, seq_len, modes):
+        cells = [f"`{p['mode']}`", _fmt(p["peak_mib"]), _fmt(p["seconds"]),
+                 _fmt(p["time_ratio"], ratio=True), p["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_plane(results: Mapping[str, Any], path: Path) -> bool:
+    """Write `plane.png`: step time (x) against peak MiB (y), one panel per sequence length.
+
+    torch's `budget_*` points are one series, memcompile's `mcbudget_*` another (each point
+    labelled with its budget), the other modes labelled single points. Returns False (and logs
+    why) when matplotlib is missing or no configuration succeeded.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping %s", path)
+        return False
+    if not any(r.get("ok") for r in results["rows"]):
+        log.warning("no configuration succeeded; skipping %s", path)
+        return False
+    seq_lens = results["seq_lens"]
+    fig = Figure(figsize=(7 * len(seq_lens), 5.5), layout="constrained")
+    axes = fig.subplots(1, len(seq_lens), squeeze=False)[0]
+    styles = {"torch": ("o", "-", "torch activation_memory_budget (budget_*)"),
+              "memcompile": ("s", "-", "memcompile memory_budget (mcbudget_*)")}
+    for ax, seq_len in zip(axes, seq_lens):
+        points = [p for p in plane_points(results["rows"], seq_len, results["modes"])
+                  if p["peak_mib"] is not None]
+        for series, (marker, line, label) in styles.items():
+            pts = [p for p in points if p["series"] == series]
+            if not pts:
+                continue
+            drawn = ax.plot([p["seconds"] for p in pts], [p["peak_mib"] for p in pts],
+                            marker=marker, linestyle=line, alpha=0.8, label=label)
+            for p in pts:
+                ax.annotate(p["mode"].partition("_")[2], (p["seconds"], p["peak_mib"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize="x-small",
+                            color=drawn[0].get_color())
+        for p in (p for p in points if p["series"] == "single"):
+            ax.plot([p["seconds"]], [p["peak_mib"]], marker="D", color="black", linestyle="")
+            ax.annotate(p["mode"], (p["seconds"], p["peak_mib"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize="small")
+        ax.set(xlabel="median step time (s)", ylabel="peak above start (MiB)",
+               title=f"{results['model']} {results['dtype']}, length {seq_len}")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def write_results(results: Mapping[str, Any], out: Path) -> None:
-    """Write `results.json`, `bench.md` and `bench.png` into `out`."""
+    """Write `results.json`, `bench.md` and `bench.png` into `out`, and `plane.png` when more
+    than one budget mode ran."""
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "bench.md").write_text(render_markdown(results))
     plot_results(results, out / "bench.png")
+    if has_plane(results["modes"]):
+        plot_plane(results, out / "plane.png")

@@ -1,7 +1,9 @@
 """The worker: one (mode, sequence length) configuration, measured in its own fresh process.
 
 `python -m memcompile.bench --worker SPEC` runs `worker_main`, which prints the result row as
-the last line of stdout, a JSON object (``ok`` False, with the error, on any failure).
+the last line of stdout, a JSON object (``ok`` False, with the error, on any failure). A memcompile
+budget below the least peak its planner reaches is a failed row with ``status`` "budget
+unreachable" and that least peak (``least_peak_bytes``, the planner's simulated bytes).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from memcompile.bench.args import budget_of
+from memcompile.bench.args import budget_of, mc_budget_options
+from memcompile.errors import MemoryBudgetError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 0
+BUDGET_UNREACHABLE = "budget unreachable"
 
 
 def _build(model_spec: Mapping[str, Any], dtype: Any, device: str) -> tuple[Any, int]:
@@ -58,10 +62,12 @@ def _wrap(model: Any, mode: str, options: Mapping[str, Any]) -> Any:
     if mode == "checkpoint":
         _enable_checkpointing(model)
         return model
-    if mode == "memcompile":
+    budget_options = mc_budget_options(mode)
+    if mode == "memcompile" or budget_options is not None:
         import memcompile  # noqa: F401  (registers the backend)
 
-        return torch.compile(model, backend="memcompile", options=dict(options))
+        return torch.compile(model, backend="memcompile",
+                             options={**options, **(budget_options or {})})
     # "inductor" and "budget_<f>": torch.compile's defaults (the budget is patched by the caller)
     return torch.compile(model)
 
@@ -133,12 +139,40 @@ def worker_main(spec_json: str) -> int:
     except BaseException as e:  # noqa: BLE001  (an OOM or any failure is a failed row)
         if isinstance(e, KeyboardInterrupt):
             raise
-        log.exception("configuration %s at %d failed", spec["mode"], spec["seq_len"])
-        row.update(ok=False, error=_error_text(e))
+        unreachable = _budget_error(e)
+        if unreachable is not None:
+            # The user's budget, not a crash: one line, and the least peak the planner reaches.
+            log.warning("configuration %s at %d: %s", spec["mode"], spec["seq_len"], unreachable)
+            row.update(ok=False, status=BUDGET_UNREACHABLE,
+                       least_peak_bytes=unreachable.least_peak_bytes,
+                       budget_bytes=unreachable.budget_bytes,
+                       error=f"{BUDGET_UNREACHABLE}: {_error_text(unreachable)}")
+        else:
+            log.exception("configuration %s at %d failed", spec["mode"], spec["seq_len"])
+            row.update(ok=False, error=_error_text(e))
         code = 1
     sys.stdout.write("\n" + json.dumps(row) + "\n")
     sys.stdout.flush()
     return code
+
+
+def _budget_error(error: BaseException) -> MemoryBudgetError | None:
+    """The `MemoryBudgetError` behind `error`, or None.
+
+    Dynamo raises what a backend raises as `BackendCompilerFailed` (``from None``, keeping it as
+    ``inner_exception`` and ``__context__``), so the chain is walked rather than the type checked.
+    """
+    seen: set[int] = set()
+    todo: list[Any] = [error]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, MemoryBudgetError):
+            return current
+        todo += [current.__cause__, current.__context__, getattr(current, "inner_exception", None)]
+    return None
 
 
 def _error_text(error: BaseException) -> str:

@@ -1,5 +1,7 @@
-"""Benchmark and test models: a pure-PyTorch Llama and small Hugging Face causal LMs."""
+"""Benchmark and test models: a pure-PyTorch Llama, small Hugging Face causal LMs, and a small
+diffusion denoiser with reward backpropagation through its sampler."""
 
+from memcompile.models.diffusion import DenoiserConfig, RewardThroughSampler, build_reward_sampler
 from memcompile.models.hf import HF_ARCHS, build_hf_model
 from memcompile.models.llama import (
     PRESETS,
@@ -11,6 +13,9 @@ from memcompile.models.llama import (
 )
 
 __all__ = [
+    "DenoiserConfig",
+    "RewardThroughSampler",
+    "build_reward_sampler",
     "HF_ARCHS",
     "PRESETS",
     "CausalLMOutput",
