@@ -15,21 +15,29 @@ PassFn = Callable[..., fx.GraphModule]
 """`(gm, example_inputs, *, options) -> gm`"""
 
 PASSES: dict[str, PassFn] = {}
-_DEFAULT_ORDER: list[str] = []
+_RANK: dict[str, int] = {}
+_DEFAULT: set[str] = set()
 
 
-def register_pass(name: str, *, default: bool = False) -> Callable[[PassFn], PassFn]:
-    """Register a pass under `name`; `default=True` appends it to the default pipeline."""
+def register_pass(name: str, *, default: bool = False, rank: int = 0
+                  ) -> Callable[[PassFn], PassFn]:
+    """Register a pass under `name`; `default=True` puts it in the default pipeline, where
+    passes run by `rank` (lower first), whatever order their modules were imported in."""
 
     def wrap(fn: PassFn) -> PassFn:
         if name in PASSES and PASSES[name] is not fn:
             raise ValueError(f"a pass named {name!r} is already registered")
         PASSES[name] = fn
-        if default and name not in _DEFAULT_ORDER:
-            _DEFAULT_ORDER.append(name)
+        _RANK[name] = rank
+        if default:
+            _DEFAULT.add(name)
         return fn
 
     return wrap
+
+
+def _ranked(names: set[str] | list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (_RANK[n], n))
 
 
 def get_pass(name: str) -> PassFn:
@@ -38,20 +46,21 @@ def get_pass(name: str) -> PassFn:
     try:
         return PASSES[name]
     except KeyError:
-        raise UnknownPassError(f"unknown pass {name!r}; valid passes: {', '.join(PASSES)}") \
-            from None
+        raise UnknownPassError(
+            f"unknown pass {name!r}; valid passes: {', '.join(_ranked(list(PASSES)))}"
+        ) from None
 
 
 def pass_names() -> list[str]:
-    """Every registered pass name."""
+    """Every registered pass name, in pipeline order."""
     _load_builtin_passes()
-    return list(PASSES)
+    return _ranked(list(PASSES))
 
 
 def default_pipeline() -> list[str]:
     """The default pipeline, in the order it runs."""
     _load_builtin_passes()
-    return list(_DEFAULT_ORDER)
+    return _ranked(_DEFAULT)
 
 
 def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> list[str]:
@@ -65,6 +74,4 @@ def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> li
 def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
-    # The default pipeline runs in import order.
-    from memcompile.passes import remove_noops  # noqa: F401
-    from memcompile.passes import remat_plan  # noqa: F401, I001
+    from memcompile.passes import remat_plan, remove_noops  # noqa: F401

@@ -345,7 +345,7 @@ def tag_plan(joint: JointGraph, point: PlanPoint, node_seconds: dict[fx.Node, fl
                                      f"{reason} (~{seconds * 1e6:.0f} us)"))
 
 
-@register_pass(PASS_NAME, default=True)
+@register_pass(PASS_NAME, default=True, rank=100)  # last: it plans the graph the others left
 def plan_remat_pass(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None
 ) -> fx.GraphModule:

@@ -68,7 +68,7 @@ def test_bad_stream_values(stream, key):
 
 def test_pass_names_are_checked_against_the_registry():
     assert Options(passes=["remove_noops"]).passes == ("remove_noops",)
-    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops"):
+    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops, plan_remat"):
         Options(disable_passes=["nope"])
     with pytest.raises(OptionsError, match="a list of pass names"):
         Options(passes="remove_noops")

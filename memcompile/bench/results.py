@@ -268,17 +268,18 @@ def plot_plane(results: Mapping[str, Any], path: Path) -> bool:
     seq_lens = results["seq_lens"]
     fig = Figure(figsize=(7 * len(seq_lens), 5.5), layout="constrained")
     axes = fig.subplots(1, len(seq_lens), squeeze=False)[0]
-    styles = {"torch": ("o", "-", "torch activation_memory_budget (budget_*)"),
-              "memcompile": ("s", "-", "memcompile memory_budget (mcbudget_*)")}
+    styles = {"torch": ("o", "torch activation_memory_budget (budget_*)"),
+              "memcompile": ("s", "memcompile memory_budget (mcbudget_*)")}
     for ax, seq_len in zip(axes, seq_lens):
         points = [p for p in plane_points(results["rows"], seq_len, results["modes"])
                   if p["peak_mib"] is not None]
-        for series, (marker, line, label) in styles.items():
+        for series, (marker, label) in styles.items():
             pts = [p for p in points if p["series"] == series]
             if not pts:
                 continue
+            # Points, not a line: neither time nor peak is monotone in the budget.
             drawn = ax.plot([p["seconds"] for p in pts], [p["peak_mib"] for p in pts],
-                            marker=marker, linestyle=line, alpha=0.8, label=label)
+                            marker=marker, linestyle="", markersize=7, alpha=0.85, label=label)
             for p in pts:
                 ax.annotate(p["mode"].partition("_")[2], (p["seconds"], p["peak_mib"]),
                             textcoords="offset points", xytext=(4, 4), fontsize="x-small",
