@@ -372,7 +372,7 @@ def test_plane_table_sorted_by_peak_with_time_ratios():
     assert rows["eager"] == ["550.0", "4.00", "0.80", ""]
     assert rows["budget_0.1"] == ["—", "—", "—", "failed"]
     assert rows["mcbudget_0.2"] == ["—", "—", "—",
-                                    "budget unreachable (planner's least peak 150.0 MiB)"]
+                                    "budget unreachable (planner's least simulated peak 150.0 MiB)"]
 
 
 def test_plane_points_series_and_missing_reference():

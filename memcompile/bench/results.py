@@ -8,11 +8,13 @@ import json
 import logging
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from memcompile.bench.args import budget_of, is_budget_mode, mc_budget_options
+from memcompile.bench.worker import BUDGET_UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +224,10 @@ def plane_points(rows: Sequence[Mapping[str, Any]], seq_len: int,
         note = ""
         if row is None:
             note = "not run"
-        elif row.get("status") == "budget unreachable":
-            least = row.get("least_peak_bytes")
-            note = "budget unreachable" + (
-                f" (planner's least peak {_fmt(least / _MIB)} MiB)" if least is not None else "")
+        elif row.get("status") == BUDGET_UNREACHABLE:
+            least = row.get("least_peak_bytes")  # simulated by the planner, not measured
+            note = BUDGET_UNREACHABLE + (f" (planner's least simulated peak {_fmt(least / _MIB)} "
+                                         "MiB)" if least is not None else "")
         elif not ok:
             note = "failed"
         points.append({
@@ -288,8 +290,10 @@ def plot_plane(results: Mapping[str, Any], path: Path) -> bool:
             ax.plot([p["seconds"]], [p["peak_mib"]], marker="D", color="black", linestyle="")
             ax.annotate(p["mode"], (p["seconds"], p["peak_mib"]), textcoords="offset points",
                         xytext=(4, -10), fontsize="small")
-        ax.set(xlabel="median step time (s)", ylabel="peak above start (MiB)",
-               title=f"{results['model']} {results['dtype']}, length {seq_len}")
+        ax.set(xlabel="median step time (s)", ylabel="peak above start (MiB)")
+        # Hugging Face models carry their overrides in the name: wrap rather than clip.
+        ax.set_title(textwrap.fill(f"{results['model']} {results['dtype']}, length {seq_len}",
+                                   70), fontsize="medium")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
