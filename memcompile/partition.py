@@ -87,13 +87,12 @@ class MemcompilePartitioner(CustomPartitionerFn):
             fw, bw, _ = split_by_remat_tags(
                 gm, num_fwd_outputs=kwargs["num_fwd_outputs"],
                 static_lifetime_input_indices=kwargs.get("static_lifetime_input_indices"))
-            for graph in (fw, bw):
-                _fill_rng_wrapper_vals(graph)
         else:
             fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
-            for graph in (fw, bw):
-                _fill_rng_wrapper_vals(graph)
-            _record_split_decisions(gm, fw, bw)
+        for graph in (fw, bw):
+            _fill_rng_wrapper_vals(graph)
+        if not has_remat_tags(gm):
+            _record_split_decisions(gm, fw, bw)  # the planner recorded its own decisions
         self.record.set_split(gm, fw, bw)
         if self.options.dump_dir:
             self.record.dump(self.options.dump_dir)

@@ -24,6 +24,7 @@ The pass only decides: it tags each forward value the backward reads `"save"` or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -114,8 +115,12 @@ class RematPlanner:
             self._points[evicted] = PlanPoint(
                 evicted, plan, simulate_layout(self.joint, plan), seconds, move)
         point = self._points[evicted]
-        return point if point.move == move else PlanPoint(
-            point.evicted, point.layout, point.sim, point.recompute_seconds, move)
+        return point if point.move == move else dataclasses.replace(point, move=move)
+
+    @property
+    def least_peak(self) -> int | None:
+        """The least peak of the chain, once the chain is complete (None before)."""
+        return min(p.peak_bytes for p in self.chain) if self._chain_done else None
 
     @property
     def plans_simulated(self) -> int:
@@ -301,7 +306,7 @@ def plan(joint: JointGraph, budget: Any, cost: CostModel
     summary = RematSummary(
         budget=budget, budget_bytes=budget_bytes, save_all_peak=planner.save_all().peak_bytes,
         chosen_peak=point.peak_bytes,
-        least_peak=min(p.peak_bytes for p in planner.chain) if planner._chain_done else None,
+        least_peak=planner.least_peak,
         recompute_seconds=point.recompute_seconds, forward_seconds=planner.forward_seconds,
         plans_simulated=planner.plans_simulated, seconds=time.perf_counter() - start,
         chain=[(p.peak_bytes, p.recompute_seconds) for p in planner.chain],

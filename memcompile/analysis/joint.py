@@ -18,6 +18,7 @@ Reading a FakeTensor's storage is slow; doing it once here keeps planning in sec
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import getitem
@@ -159,9 +160,14 @@ class JointGraph:
 
     def group_bytes(self, group: int) -> int:
         """Bytes of a storage group (each storage once)."""
-        seen = {k: b for n in self.group_members[group] for k, b in self.storages[n]
-                if k not in self.external}
-        return sum(seen.values())
+        return self._group_bytes[group]
+
+    @functools.cached_property
+    def _group_bytes(self) -> list[int]:
+        # Read once: the planner asks for every candidate at every step of its chain.
+        return [sum({k: b for n in members for k, b in self.storages[n]
+                     if k not in self.external}.values())
+                for members in self.group_members]
 
     def group_banned(self, group: int) -> str | None:
         """Why a group may not be recomputed (the first banned member's reason), or None."""

@@ -167,24 +167,23 @@ def argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def positive_int(text: str) -> int:
+def _positive(text: str, convert: Any, kind: str, valid: str) -> Any:
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise ValueError(f"{text!r} is not an integer; valid: a positive integer") from None
-    if value <= 0:
-        raise ValueError(f"{value} is not positive; valid: a positive integer")
+        raise ValueError(f"{text!r} is not {kind}; valid: {valid}") from None
+    if not value > 0:
+        raise ValueError(f"{value} is not positive; valid: {valid}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parse a positive integer, saying what was wrong otherwise."""
+    return _positive(text, int, "an integer", "a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number; valid: a positive number") from None
-    if not value > 0:
-        raise ValueError(f"{value} is not positive; valid: a positive number of seconds")
-    return value
+    return _positive(text, float, "a number", "a positive number of seconds")
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
