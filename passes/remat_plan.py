@@ -80,13 +80,19 @@ class RematSummary:
     seconds: float
     chain: list[tuple[int, float]] = field(default_factory=list)
     """(peak bytes, recompute seconds) of each plan of the chain, in order."""
+    priced_on: str = "eager"
+    """Whose buffers the peaks count: "eager" (every op's output, the tracked peak) or
+    "inductor" (what Inductor's fused kernels store; `analysis.fusion`)."""
 
 
 class RematPlanner:
     """Builds the greedy chain of plans for one joint graph and picks a plan for a budget."""
 
-    def __init__(self, joint: JointGraph, cost: CostModel, *, batch: bool | None = None):
+    def __init__(self, joint: JointGraph, cost: CostModel, *, batch: bool | None = None,
+                 fusion: bool = False):
         self.joint = joint
+        self.fusion = fusion
+        """Price plans on Inductor's buffers (`analysis.fusion`) instead of the eager runtime's."""
         self.node_seconds = {n: cost.node_seconds(n) for n in joint.forward}
         self.forward_seconds = sum(self.node_seconds.values())
         self._evictable = {
@@ -113,7 +119,8 @@ class RematPlanner:
             plan = layout(self.joint, evicted)
             seconds = sum(self.node_seconds[n] for n in plan.recomputed)
             self._points[evicted] = PlanPoint(
-                evicted, plan, simulate_layout(self.joint, plan), seconds, move)
+                evicted, plan, simulate_layout(self.joint, plan, fusion=self.fusion), seconds,
+                move)
         point = self._points[evicted]
         return point if point.move == move else dataclasses.replace(point, move=move)
 
@@ -290,12 +297,12 @@ def resolve_budget(budget: Any, planner: RematPlanner) -> int | None:
     return None
 
 
-def plan(joint: JointGraph, budget: Any, cost: CostModel
+def plan(joint: JointGraph, budget: Any, cost: CostModel, *, fusion: bool = False
          ) -> tuple[PlanPoint, RematSummary, RematPlanner]:
     """The plan for `budget` ("auto", None, a fraction or bytes), what the planner saw, and the
-    planner (its chain, its per-node seconds)."""
+    planner (its chain, its per-node seconds). `fusion`: price on Inductor's buffers."""
     start = time.perf_counter()
-    planner = RematPlanner(joint, cost)
+    planner = RematPlanner(joint, cost, fusion=fusion)
     budget_bytes = resolve_budget(budget, planner)
     if budget_bytes is not None:
         point = planner.for_budget(budget_bytes)
@@ -310,6 +317,7 @@ def plan(joint: JointGraph, budget: Any, cost: CostModel
         recompute_seconds=point.recompute_seconds, forward_seconds=planner.forward_seconds,
         plans_simulated=planner.plans_simulated, seconds=time.perf_counter() - start,
         chain=[(p.peak_bytes, p.recompute_seconds) for p in planner.chain],
+        priced_on="inductor" if fusion else "eager",
     )
     return point, summary, planner
 
@@ -364,7 +372,9 @@ def plan_remat_pass(
     if not joint.needed:
         record_note(gm, PASS_NAME, "the backward reads nothing from the forward: unchanged")
         return gm
-    point, summary, planner = plan(joint, budget, CostModel.measured(_device_of(joint)))
+    fusion = getattr(options, "runtime", "eager") == "inductor"
+    point, summary, planner = plan(joint, budget, CostModel.measured(_device_of(joint)),
+                                   fusion=fusion)
     tag_plan(joint, point, planner.node_seconds)
     gm.meta[REMAT_PLAN] = summary
     record_note(gm, PASS_NAME, describe(summary, point))
@@ -382,7 +392,8 @@ def describe(summary: RematSummary, point: PlanPoint) -> str:
              if summary.least_peak is not None else "")
     share = (point.recompute_seconds / summary.forward_seconds
              if summary.forward_seconds else 0.0)
-    return (f"{wanted}: planned peak {summary.chosen_peak / mib:.2f} MiB (saving everything: "
+    return (f"{wanted}: planned peak {summary.chosen_peak / mib:.2f} MiB on {summary.priced_on}'s "
+            f"buffers (saving everything: "
             f"{summary.save_all_peak / mib:.2f} MiB{least}); recomputes "
             f"{len(point.layout.recomputed)} ops, ~{share:.2f} of a forward; "
             f"{summary.plans_simulated} plans simulated in {summary.seconds:.2f} s")

@@ -344,7 +344,8 @@ def plane_rows() -> list[dict]:
     return [
         row("eager", 1024, 550, 4.0), row("checkpoint", 1024, 390, 5.0),
         row("inductor", 1024, 320, 4.0), row("budget_0.5", 1024, 270, 4.5),
-        row("budget_0.0", 1024, 345, 5.5), row("mcbudget_0.5", 1024, 200, 4.6),
+        row("budget_0.0", 1024, 345, 5.5),
+        {**row("mcbudget_0.5", 1024, 200, 4.6), "planned_peak_bytes": 196 * MIB},
         row("mcbudget_auto", 1024, 160, 5.0), unreachable, row("budget_0.1", 1024, None),
     ]
 
@@ -362,16 +363,17 @@ def test_has_plane_needs_two_budget_modes():
 
 def test_plane_table_sorted_by_peak_with_time_ratios():
     text = bench.render_plane_table(plane_rows(), 1024, modes=PLANE_MODES)
-    assert text.splitlines()[0] == "| mode | peak MiB | step s | time / checkpoint | note |"
+    assert text.splitlines()[0] == (
+        "| mode | peak MiB | planned MiB | step s | time / checkpoint | note |")
     rows = table_rows(text)
     assert list(rows) == ["mcbudget_auto", "mcbudget_0.5", "budget_0.5", "inductor",
                           "budget_0.0", "checkpoint", "eager", "budget_0.1", "mcbudget_0.2"]
-    assert rows["mcbudget_auto"] == ["160.0", "5.00", "1.00", ""]
-    assert rows["mcbudget_0.5"] == ["200.0", "4.60", "0.92", ""]
-    assert rows["budget_0.0"] == ["345.0", "5.50", "1.10", ""]
-    assert rows["eager"] == ["550.0", "4.00", "0.80", ""]
-    assert rows["budget_0.1"] == ["—", "—", "—", "failed"]
-    assert rows["mcbudget_0.2"] == ["—", "—", "—",
+    assert rows["mcbudget_auto"] == ["160.0", "—", "5.00", "1.00", ""]
+    assert rows["mcbudget_0.5"] == ["200.0", "196.0", "4.60", "0.92", ""]
+    assert rows["budget_0.0"] == ["345.0", "—", "5.50", "1.10", ""]
+    assert rows["eager"] == ["550.0", "—", "4.00", "0.80", ""]
+    assert rows["budget_0.1"] == ["—", "—", "—", "—", "failed"]
+    assert rows["mcbudget_0.2"] == ["—", "—", "—", "—",
                                     "budget unreachable (planner's least simulated peak 150.0 MiB)"]
 
 

@@ -28,6 +28,7 @@ from operator import getitem
 import torch
 import torch.fx as fx
 
+from memcompile.analysis.fusion import absorbs_inputs, unmaterialized
 from memcompile.analysis.joint import JointGraph
 from memcompile.analysis.memory import _obeys_layout_contract
 
@@ -179,8 +180,12 @@ class _Live:
                     self.died[inst[1]] = self.events
 
 
-def simulate_layout(joint: JointGraph, plan: Layout) -> PlanSimulation:
-    """Simulate one step of `plan`: bytes above what was live at its start, at every op."""
+def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) -> PlanSimulation:
+    """Simulate one step of `plan`: bytes above what was live at its start, at every op.
+
+    `fusion=True` models Inductor's code instead of the eager runtime's: values Inductor inlines
+    into their readers' kernels hold no buffer (`analysis.fusion.unmaterialized`).
+    """
     live = _Live()
     peak = [-1, "", "", 0]  # bytes, phase, node, event number
 
@@ -209,7 +214,12 @@ def simulate_layout(joint: JointGraph, plan: Layout) -> PlanSimulation:
     # what it returns (the user's outputs, then the saved values).
     fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     returned = [*fwd_outputs, *plan.saved]
-    _run(plan.forward_order, fwd_value, {}, set(returned), live, event, "forward")
+    def inlined(order: list[fx.Node], graph_returns: set[fx.Node]) -> set[fx.Node] | None:
+        return unmaterialized(order, graph_returns, joint.storages) if fusion else None
+
+    fwd_returned = set(returned)
+    _run(plan.forward_order, fwd_value, {}, fwd_returned, live, event, "forward",
+         inlined(plan.forward_order, fwd_returned))
     handed_over = [fwd_value(v) for v in returned]
     for value in handed_over:
         live.hold(value)
@@ -228,7 +238,8 @@ def simulate_layout(joint: JointGraph, plan: Layout) -> PlanSimulation:
         live.release(value)
     grads = list(joint.bwd_outputs)
     grad_nodes = {g for g in grads if isinstance(g, fx.Node)}
-    _run(plan.backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward")
+    _run(plan.backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward",
+         inlined(plan.backward_order, grad_nodes))
     grad_values = [bwd_value(g) if isinstance(g, fx.Node) else () for g in grads]
     for value in grad_values:
         live.hold(value)
@@ -251,8 +262,14 @@ def simulate_layout(joint: JointGraph, plan: Layout) -> PlanSimulation:
     return PlanSimulation(max(peak_bytes, 0), phase, name, saved_bytes, live_at_peak)
 
 
-def _run(order, value_of, placeholders, returned, live, event, phase) -> None:
-    """One graph: hold each op's value, then drop what this op used for the last time."""
+def _run(order, value_of, placeholders, returned, live, event, phase, inlined=None) -> None:
+    """One graph: hold each op's value, then drop what this op used for the last time.
+
+    With `inlined` (Inductor's code: the set of values its kernels compute inline), such a value
+    owns no storage: it stands for its inputs' storages, so they stay live until its own last
+    reader, the kernel that computes it. And a generated kernel writes its output into an input
+    buffer of the same size that dies with it, as Inductor's in-place reuse does.
+    """
     members = set(order)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in order:
@@ -265,10 +282,34 @@ def _run(order, value_of, placeholders, returned, live, event, phase) -> None:
             frees.setdefault(user, []).append(value)
     values = dict(placeholders)
     for node in order:
-        value = values[node] = value_of(node)
+        if inlined is not None and node in inlined:
+            value = tuple(s for i in node.all_input_nodes for s in values.get(i, ()))
+        else:
+            value = value_of(node)
+        values[node] = value
+        reused = 0
+        if inlined is not None and absorbs_inputs(node):
+            reused = _reusable_bytes(value, [values[d] for d in frees.get(node, ())], live)
         live.hold(value)
+        live.live -= reused  # the output took over a dying input's buffer
         event(phase, node.name)
+        live.live += reused
         for dead in frees.get(node, ()):
             live.release(values[dead])
         if node not in last_use and node not in returned:
             live.release(value)
+
+
+def _reusable_bytes(value: tuple, dying: list[tuple], live: _Live) -> int:
+    """Bytes of a buffer the op's inputs release for good after it, of the size of the op's new
+    output (0 if none): Inductor then writes the output into that buffer."""
+    if len(value) != 1 or value[0][0] in live.refs:
+        return 0
+    nbytes = value[0][1]
+    dropped: dict[tuple, int] = {}
+    for storages in dying:
+        for inst, _ in storages:
+            dropped[inst] = dropped.get(inst, 0) + 1
+    fits = any(live.refs.get(inst) == count and live.nbytes[inst] == nbytes
+               for inst, count in dropped.items())
+    return nbytes if fits else 0

@@ -233,6 +233,8 @@ def plane_points(rows: Sequence[Mapping[str, Any]], seq_len: int,
         points.append({
             "mode": mode, "series": _series(mode),
             "peak_mib": row["peak_bytes"] / _MIB if ok else None,
+            "planned_mib": (row["planned_peak_bytes"] / _MIB
+                            if ok and row.get("planned_peak_bytes") is not None else None),
             "seconds": row["seconds"] if ok else None,
             "time_ratio": _ratio(row["seconds"], ref_seconds) if ok else None,
             "note": note,
@@ -243,10 +245,10 @@ def plane_points(rows: Sequence[Mapping[str, Any]], seq_len: int,
 def render_plane_table(rows: Sequence[Mapping[str, Any]], seq_len: int,
                        modes: Sequence[str] | None = None) -> str:
     """The markdown table of `plane_points` at `seq_len`: every mode, sorted by peak."""
-    header = ["mode", "peak MiB", "step s", f"time / {REFERENCE_MODE}", "note"]
+    header = ["mode", "peak MiB", "planned MiB", "step s", f"time / {REFERENCE_MODE}", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in plane_points(rows, seq_len, modes):
-        cells = [f"`{p['mode']}`", _fmt(p["peak_mib"]), _fmt(p["seconds"]),
+        cells = [f"`{p['mode']}`", _fmt(p["peak_mib"]), _fmt(p["planned_mib"]), _fmt(p["seconds"]),
                  _fmt(p["time_ratio"], ratio=True), p["note"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

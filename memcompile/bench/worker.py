@@ -91,6 +91,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     import memcompile
     from memcompile.measure import wall_seconds
+    from memcompile.report import recording
 
     device = spec["device"]
     if device == "auto":
@@ -112,12 +113,16 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
             model.zero_grad(set_to_none=True)
 
         # The first step compiles; timed on its own so compilation stays out of the median.
-        first_seconds = wall_seconds(step, cuda=device == "cuda")
+        with recording() as records:
+            first_seconds = wall_seconds(step, cuda=device == "cuda")
         method = "cuda" if device == "cuda" else "allocator"
         # One more warm-up inside measure: some runtimes settle (caches, lazy init) on step two.
         result = memcompile.measure(step, warmup=1, repeat=spec["repeat"], method=method)
+    plans = [r.plan for r in records if r.plan is not None]
     return {
         "peak_bytes": result.peak_bytes,
+        # memcompile's planned peak beside the measured one (one training graph: comparable)
+        "planned_peak_bytes": plans[0].chosen_peak if len(plans) == 1 else None,
         "baseline_bytes": result.baseline_bytes,
         "seconds": result.seconds,
         "first_step_seconds": first_seconds,

@@ -1,0 +1,88 @@
+"""Which values of a graph Inductor computes inside a consumer's kernel and never stores.
+
+Inductor lowers pointwise ops, views and index gathers to expressions that are inlined into the
+kernels of the ops that read them: `silu(gate) * up` is one kernel and one buffer, not two, and
+the chain `x - amax(x)`, `exp`, `sum`, `log` of a log-softmax leaves buffers only for the
+reductions and for what the graph returns. Extern kernels (matmuls, attention, anything Inductor
+falls back on) read materialized buffers, so their inputs are stored.
+
+`unmaterialized(order, returned, storages)` applies that rule to one graph: a value is never
+stored when its op inlines, the graph does not return it, and every op of the graph that reads
+it inlines it in turn. The memory simulator (`analysis.schedule`) then counts such a value as an
+alias of its inputs: it holds no bytes of its own and keeps its inputs alive until its last
+reader runs, which is when a fused kernel really reads them.
+
+This is a model, not Inductor: Inductor may still store a value it judges too costly to inline
+into several readers, and its kernels' scratch (packed matmul operands, attention workspaces)
+is invisible here. The bench reports the allocator's peak beside the plan for that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops Inductor lowers to an inlinable expression although torch does not tag them pointwise:
+# dtype casts, constant fills and index gathers (read through an indirect load).
+_INLINED = frozenset({
+    aten._to_copy.default, aten.full.default, aten.scalar_tensor.default, aten.zeros.default,
+    aten.ones.default, aten.embedding.default, aten.index.Tensor, aten.gather.default,
+    prims.iota.default,
+})
+
+
+def _tagged(node: fx.Node, tag: torch.Tag) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and tag in target.tags
+
+
+def inlines(node: fx.Node) -> bool:
+    """Whether Inductor turns `node`'s op into an expression a consumer's kernel can inline."""
+    if node.op != "call_function":
+        return False
+    return node.target in _INLINED or _tagged(node, torch.Tag.pointwise)
+
+
+def absorbs_inputs(node: fx.Node) -> bool:
+    """Whether `node`'s kernel can compute an inlinable input itself instead of loading it:
+    pointwise ops and reductions can; extern kernels (matmul, attention, fallbacks) cannot."""
+    return inlines(node) or _tagged(node, torch.Tag.reduction)
+
+
+def is_alias(node: fx.Node, storages: Mapping[fx.Node, tuple[tuple[int, int], ...]]) -> bool:
+    """Whether `node`'s value only views storages its inputs own (a view, a reshape)."""
+    own = {key for key, _ in storages.get(node, ())}
+    if not own or node.op != "call_function":
+        return False
+    inherited = {key for i in node.all_input_nodes for key, _ in storages.get(i, ())}
+    return own <= inherited
+
+
+def unmaterialized(
+    order: Iterable[fx.Node],
+    returned: set[fx.Node],
+    storages: Mapping[fx.Node, tuple[tuple[int, int], ...]],
+) -> set[fx.Node]:
+    """The nodes of one graph (`order`, topological) whose values Inductor never stores.
+
+    A node qualifies when its op inlines (or it is an alias of its inputs), the graph does not
+    return it, and each of its readers in this graph absorbs it: a pointwise op or reduction, or
+    an alias that itself qualifies. Readers outside `order` (the other graph) are not this
+    graph's concern: a value the other graph reads is in `returned` when it is handed over.
+    """
+    order = list(order)
+    members = set(order)
+    fused: set[fx.Node] = set()
+    for node in reversed(order):  # readers come later, so they are decided first
+        if node in returned or not (inlines(node) or is_alias(node, storages)):
+            continue
+        readers = [u for u in node.users if u in members]
+        if readers and all(u in fused or (absorbs_inputs(u) and not is_alias(u, storages))
+                           for u in readers):
+            fused.add(node)
+    return fused

@@ -1,0 +1,93 @@
+"""The Inductor memory model: which values Inductor's kernels inline, and the peak it implies.
+
+Structure on tiny aten graphs (`make_fx`), exact bytes on a whole-MiB joint graph, and the
+planner pricing plans on it when the runtime is Inductor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from helpers import compile_memcompile, train_step
+from memcompile.analysis.fusion import unmaterialized
+from memcompile.analysis.joint import _storages
+from memcompile.analysis.schedule import layout, simulate_layout
+from memcompile.models import build_model, make_batch
+from memcompile.report import recording
+from test_remat_plan import MiB, joint_of
+
+
+def _inlined(fn, *args, returned=()):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    storages = {n: _storages(n) for n in gm.graph.nodes}
+    outputs = {o for o in gm.graph.output_node().all_input_nodes}
+    picked = {n for n in nodes if n.name in returned}
+    return {n.name for n in unmaterialized(nodes, outputs | picked, storages)}
+
+
+def test_pointwise_and_views_read_by_fused_kernels_are_inlined():
+    """
+    h = mm(x, w)        an extern kernel's output: stored
+    g = relu(h) * 2     relu is inlined into the mul; the mul is read by a matmul: stored
+    y = mm(g, w)
+    s = sum(t(y))       the transpose is read by a reduction: inlined
+    """
+    def f(x, w):
+        g = torch.relu(torch.mm(x, w)) * 2
+        return torch.mm(g, w).t().sum()
+
+    assert _inlined(f, torch.randn(4, 4), torch.randn(4, 4)) == {"relu", "t"}
+
+
+def test_returned_values_and_the_bases_of_views_a_matmul_reads_are_stored():
+    """
+    a = exp(x)                  returned: stored
+    b = sin(x)                  read by a matmul through a view: the view and b are stored
+    c = mm(view(b), w)
+    d = cos(x)                  returned by the caller's choice (saved for a backward): stored
+    e = d + 1                   read by nothing but the output: stored
+    """
+    def f(x, w):
+        b = torch.sin(x).view(4, 4)
+        d = torch.cos(x)
+        return torch.exp(x), torch.mm(b, w), d + 1
+
+    assert _inlined(f, torch.randn(16), torch.randn(4, 4), returned={"cos"}) == set()
+
+
+def test_swiglu_peak_in_exact_bytes_eager_and_inductor():
+    """
+    loss = sum(silu(x @ w1) * (x @ w2)), x 2048x512 (4 MiB), w 512x512 (1 MiB).
+
+    Saving everything keeps mm, silu and mm_1 (12 MiB) and the 4-byte loss; the backward holds
+    the 4-byte tangent too (the +8 bytes below).
+    - eager: mul_1 = tangent * silu is a new 4 MiB buffer while silu is still held: 16 MiB.
+    - Inductor: mul_1 takes over silu's buffer (silu dies with it); mul_2 is inlined into
+      silu_backward, which takes over mm's buffer. The peak is the 1 MiB gradient of w2 on top
+      of mm, mm_1 and mul_1: 13 MiB.
+    """
+    torch.manual_seed(0)
+    w1 = torch.randn(512, 512, requires_grad=True)
+    w2 = torch.randn(512, 512, requires_grad=True)
+    joint = joint_of(lambda x: (torch.nn.functional.silu(x @ w1) * (x @ w2)).sum(),
+                     torch.randn(2048, 512))
+    save_all = layout(joint, frozenset())
+    eager = simulate_layout(joint, save_all)
+    inductor = simulate_layout(joint, save_all, fusion=True)
+    assert eager.saved_bytes == inductor.saved_bytes == 12 * MiB + 4
+    assert (eager.peak_bytes, eager.peak_node) == (16 * MiB + 8, "mul_1")
+    assert (inductor.peak_bytes, inductor.peak_node) == (13 * MiB + 8, "mm_2")
+
+
+def test_the_inductor_runtime_prices_plans_on_inductors_buffers():
+    model = build_model("tiny")
+    batch = make_batch("tiny", seq_len=32)
+    compiled = compile_memcompile(model, memory_budget="auto", runtime="inductor")
+    with recording() as records:
+        train_step(compiled, batch)
+    (record,) = [r for r in records if r.kind == "training"]
+    assert record.plan.priced_on == "inductor"
+    assert record.plan.chosen_peak <= record.plan.save_all_peak
+    assert any("on inductor's buffers" in text for _, text in record.notes)
