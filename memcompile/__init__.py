@@ -19,10 +19,11 @@ from memcompile.errors import (
 from memcompile.explainer import explain
 from memcompile.measure import Measurement, measure
 from memcompile.meta import Decision
+from memcompile import optim  # GaLore, Natural GaLore and lowrank, as memcompile.optim
 
 __all__ = [
     "Decision", "Measurement", "MemcompileError", "MemoryBudgetError", "NotAvailableError",
-    "Options", "OptionsError", "PassError", "StreamOptions", "explain", "measure",
+    "Options", "OptionsError", "PassError", "StreamOptions", "explain", "measure", "optim",
 ]
 __version__ = "0.1.0"
 

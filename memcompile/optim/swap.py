@@ -1,0 +1,160 @@
+"""``lowrank``: turn an existing ``torch.optim.Adam``/``AdamW`` into GaLore or Natural GaLore."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from memcompile.optim.adamw import GaLoreAdamW, NaturalGaLoreAdamW
+from memcompile.optim.memory import state_bytes
+from memcompile.optim.projector import ProjectorSpec
+from memcompile.optim.selection import select_weights
+
+log = logging.getLogger(__name__)
+
+METHODS = {"galore": GaLoreAdamW, "natural_galore": NaturalGaLoreAdamW}
+"""Method name → the optimizer class :func:`lowrank` returns."""
+
+_PROJECTOR_KEYS = ("svd", "oversample", "power_iters")
+_NATURAL_KEYS = ("natural_history", "damping")
+
+
+def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
+            params: list[torch.Tensor] | None = None, rank: int, update_proj_gap: int = 200,
+            scale: float = 0.25, proj_type: str = "std", method: str = "galore",
+            fused_backward: bool = False, **kwargs: Any) -> GaLoreAdamW:
+    """A new GaLore (or Natural GaLore) optimizer over ``optimizer``'s parameters.
+
+    The weights in ``params`` (or, from ``model``, those :mod:`memcompile.optim.selection`
+    picks) step in a rank-``rank`` subspace with the optimizer's lr, betas, eps and weight decay
+    (decoupled, GaLore's rule); every other parameter keeps ``torch.optim.Adam``/``AdamW``'s own
+    rule and hyperparameters exactly. Extra keyword arguments: ``svd``, ``oversample``,
+    ``power_iters`` and, for ``method="natural_galore"``, ``natural_history`` and ``damping``.
+
+    Returns a new optimizer object: the old one must not be stepped afterwards. For each original
+    group the new one has the unprojected part, then the projected part (empty parts dropped).
+    State the old optimizer already holds is carried over for the unprojected parameters (the
+    same tensors, not copies); the projected ones start fresh, with a warning, since full-size
+    moments have no meaning in a subspace not chosen yet.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not supported; valid: {sorted(METHODS)}")
+    _check_kwargs(kwargs, method)
+    if fused_backward:
+        raise NotImplementedError(
+            "fused_backward=True (per-layer updates inside the backward) is not built yet; "
+            "use fused_backward=False"
+        )
+    _check_optimizer(optimizer)
+    chosen = _chosen_weights(optimizer, model, params)
+    spec = ProjectorSpec(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                         proj_type=proj_type, **{k: kwargs[k] for k in _PROJECTOR_KEYS
+                                                 if k in kwargs})
+    for name, weight in chosen.items():
+        spec.check_shape(weight.shape, name)
+    projection = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+                  "proj_type": proj_type, **kwargs}
+    groups = _split_groups(optimizer, {id(w) for w in chosen.values()}, projection)
+    new = METHODS[method](groups)
+    new.fused_backward = fused_backward
+    _carry_state(optimizer, new, chosen)
+    log.info("lowrank: %d weight(s) projected at rank %d (%s), %d group(s)", len(chosen), rank,
+             method, len(new.param_groups))
+    return new
+
+
+def _check_kwargs(kwargs: dict[str, Any], method: str) -> None:
+    valid = _PROJECTOR_KEYS + (_NATURAL_KEYS if method == "natural_galore" else ())
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        hint = " (natural_history and damping need method='natural_galore')" if set(
+            unknown) & set(_NATURAL_KEYS) else ""
+        raise TypeError(f"lowrank() got unknown keyword(s) {unknown}{hint}; valid: {list(valid)}")
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    # AdamW subclasses Adam in torch 2.13; both share the group keys read below.
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise TypeError(
+            f"lowrank() converts torch.optim.Adam or torch.optim.AdamW, got "
+            f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        for key in ("amsgrad", "maximize"):
+            if group.get(key):
+                raise ValueError(f"lowrank(): group {i} has {key}=True; GaLore supports only "
+                                 f"{key}=False")
+        if isinstance(group["lr"], torch.Tensor) or any(
+                isinstance(b, torch.Tensor) for b in group["betas"]):
+            raise ValueError(f"lowrank(): group {i} has a tensor lr or betas; use floats")
+        if group["weight_decay"] and not group.get("decoupled_weight_decay", False):
+            raise ValueError(
+                f"lowrank(): group {i} of torch.optim.Adam has weight_decay="
+                f"{group['weight_decay']}, an L2 penalty added to the gradient, which GaLore's "
+                "rule has no form for; use torch.optim.AdamW (decoupled decay) or weight_decay=0"
+            )
+
+
+def _chosen_weights(optimizer: torch.optim.Optimizer, model: nn.Module | None,
+                    params: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    if (model is None) == (params is None):
+        raise ValueError("lowrank() takes exactly one of model= or params=")
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if model is not None:
+        chosen = {name: w for name, w in select_weights(model).items() if id(w) in in_optimizer}
+        if not chosen:
+            raise ValueError("lowrank(): the model has no nn.Linear weight in the optimizer to "
+                             "project (embeddings and the output head are left out)")
+        return chosen
+    if isinstance(params, torch.Tensor):
+        raise TypeError("lowrank(params=...) takes a list of tensors, not one tensor")
+    chosen = {}
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"lowrank(): params[{i}] is a {type(p).__name__}, not a tensor")
+        if p.dim() != 2:
+            raise ValueError(f"lowrank(): params[{i}] has shape {tuple(p.shape)}; only 2-D "
+                             "weights can be projected")
+        if id(p) not in in_optimizer:
+            raise ValueError(f"lowrank(): params[{i}] (shape {tuple(p.shape)}) is not in the "
+                             "optimizer's parameter groups")
+        chosen.setdefault(f"params[{i}]", p)
+    if not chosen:
+        raise ValueError("lowrank(): params is empty")
+    return chosen
+
+
+def _split_groups(optimizer: torch.optim.Optimizer, projected: set[int],
+                  projection: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        plain = [p for p in group["params"] if id(p) not in projected]
+        lowrank_params = [p for p in group["params"] if id(p) in projected]
+        if plain:
+            # torch's own rule for these: the group keeps every key torch.optim.Adam reads.
+            groups.append({**hyper, "params": plain, "adam_rule": "torch",
+                           "decoupled_weight_decay": group.get("decoupled_weight_decay", False)})
+        if lowrank_params:
+            groups.append({"params": lowrank_params, "lr": group["lr"], "betas": group["betas"],
+                           "eps": group["eps"], "weight_decay": group["weight_decay"],
+                           "correct_bias": True, **projection})
+    return groups
+
+
+def _carry_state(old: torch.optim.Optimizer, new: GaLoreAdamW,
+                 chosen: dict[str, torch.Tensor]) -> None:
+    projected = {id(w) for w in chosen.values()}
+    dropped = [p for p in old.state if id(p) in projected and old.state[p]]
+    if dropped:
+        warnings.warn(
+            f"lowrank(): the optimizer already holds state for {len(dropped)} projected "
+            f"weight(s) ({state_bytes(old, dropped):,} bytes); their projected moments start "
+            "from zero. Unprojected parameters keep their state.", stacklevel=3)
+    for p, state in old.state.items():
+        if id(p) not in projected and state:
+            new.state[p] = dict(state)
