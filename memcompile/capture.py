@@ -21,6 +21,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
 from memcompile.config import Options
+from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
 from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runtime.eager import compile_eager
@@ -50,7 +51,9 @@ def _inference_compiler(record: GraphRecord) -> Callable[..., Any]:
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
     """Compile one Dynamo graph with memcompile's passes and the runtime the options name."""
     record = new_record()
-    partitioner = MemcompilePartitioner(options, record)
+    fused_slots = {i: slot for i, t in enumerate(example_inputs)
+                   if (slot := fused.slot_of(t)) is not None}
+    partitioner = MemcompilePartitioner(options, record, fused_slots)
     log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
              options.runtime)
     cache_hits = _aot_cache_hits()

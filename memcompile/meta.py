@@ -24,7 +24,7 @@ what the partition knows about the joint graph and passes need to tell forward f
 REMAT_PLAN = "memcompile.remat_plan"
 """gm.meta key on a joint graph: the `RematSummary` of the plan chosen for it."""
 
-DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded")
+DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded", "fused update")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import memcompile as memcompile_package
 import memcompile.passes as memcompile_passes
 from memcompile.config import Options
 from memcompile.meta import JOINT, Decision, record_decision
+from memcompile.passes.fused_updates import fuse_optimizer_updates
 from memcompile.passes.remat_split import has_remat_tags, split_by_remat_tags
 from memcompile.report import GraphRecord
 from memcompile.runner import run_passes
@@ -63,9 +64,13 @@ PARTITION = "partition"
 class MemcompilePartitioner(CustomPartitionerFn):
     """Runs memcompile's passes on a joint graph, then splits it; fills a `GraphRecord`."""
 
-    def __init__(self, options: Options, record: GraphRecord):
+    def __init__(self, options: Options, record: GraphRecord,
+                 fused_slots: dict[int, int] | None = None):
         self.options = options
         self.record = record
+        self.fused_slots = fused_slots or {}
+        """Input index -> slot of the weights a `lowrank(..., fused_backward=True)` optimizer
+        steps inside the backward (`passes.fused_updates`)."""
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
@@ -91,6 +96,13 @@ class MemcompilePartitioner(CustomPartitionerFn):
             fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, "inductor", **kwargs)
         for graph in (fw, bw):
             _fill_rng_wrapper_vals(graph)
+        if self.fused_slots:
+            primals = [n for n in gm.graph.find_nodes(op="placeholder") if not is_tangent(n)]
+            storages = {i: storage_key(primals[i].meta["val"]) for i in self.fused_slots
+                        if i < len(primals) and isinstance(primals[i].meta.get("val"),
+                                                           torch.Tensor)}
+            slots = {i: s for i, s in self.fused_slots.items() if i in storages}
+            fuse_optimizer_updates(bw, slots, storages, len(primals))
         if not has_remat_tags(gm):
             _record_split_decisions(gm, fw, bw)  # the planner recorded its own decisions
         self.record.set_split(gm, fw, bw)

@@ -50,7 +50,7 @@ class GraphRecord:
         self.joint_after = joint.code
         self.forward, self.backward = fw, bw
         self.forward_code, self.backward_code = fw.code, bw.code
-        self.notes = list(joint.meta.get(NOTES, []))
+        self.notes = [*joint.meta.get(NOTES, []), *bw.meta.get(NOTES, [])]
         self.plan = joint.meta.get(REMAT_PLAN)
         self.decisions = [*joint.meta.get(DECISIONS, []), *fw.meta.get(DECISIONS, []),
                           *bw.meta.get(DECISIONS, [])]

@@ -113,8 +113,12 @@ def test_adam_without_decay_accepted_and_existing_state_carried():
      "valid: \\['galore', 'natural_galore'\\]"),
     (lambda p: torch.optim.AdamW(p), {"proj_type": "full"}, ValueError, "valid values"),
     (lambda p: torch.optim.AdamW(p), {"damping": 1.0}, TypeError, "natural_galore"),
-    (lambda p: torch.optim.AdamW(p), {"fused_backward": True}, NotImplementedError,
-     "fused_backward.*not built yet"),
+    (lambda p: torch.optim.AdamW(p), {"fused_backward": "yes"}, TypeError,
+     "fused_backward must be True or False"),
+    (lambda p: torch.optim.AdamW(p), {"micro_batches": 0}, ValueError,
+     "micro_batches must be an int >= 1"),
+    (lambda p: torch.optim.AdamW(p), {"max_grad_norm": -1.0}, ValueError,
+     "max_grad_norm must be a number > 0 or None"),
 ])
 def test_bad_input_says_what_is_valid(make, kwargs, error, match):
     """Unsupported optimizers, flags, ranks, methods and options name the problem and the fix."""

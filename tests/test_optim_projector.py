@@ -109,3 +109,29 @@ def test_refresh_keeps_dtype_and_upcasts_half():
     assert basis.dtype == torch.bfloat16
     exact = refresh(grad, ProjectorSpec(rank=3))
     assert torch.linalg.matrix_norm(span(basis.double()) - span(exact), ord=2) < 0.05
+
+
+def test_continuous_signs_keep_each_vector_pointing_the_old_way():
+    """The default sign convention (a deliberate difference from galore-torch): each refreshed
+    singular vector points the way the previous one did, and the first refresh makes each
+    vector's largest entry positive; the subspace is the SVD's either way."""
+    from memcompile.optim.functional import refresh_projector
+    from memcompile.optim.projector import ProjectorSpec, align_signs
+
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    spec = ProjectorSpec(rank=4, update_proj_gap=1)
+    state = {"step": torch.zeros(()), "projector": torch.zeros(12, 4, dtype=torch.float64)}
+    refresh_projector(grad, state, spec, traced=False)
+    first = state["projector"].clone()
+    largest = first.gather(0, first.abs().argmax(dim=0, keepdim=True))
+    assert (largest > 0).all()
+    u = torch.linalg.svd(grad, full_matrices=False)[0][:, :4]
+    assert torch.allclose(first @ first.T, u @ u.T, atol=1e-12)
+    # A second refresh from a nearby gradient: every vector keeps its direction.
+    refresh_projector(grad + 1e-3 * torch.randn(12, 40, generator=g, dtype=torch.float64),
+                      state, spec, traced=False)
+    assert ((state["projector"] * first).sum(dim=0) > 0).all()
+    # Flipping the old projector's vectors flips the new ones with them.
+    flipped = align_signs(first, -first, "left")
+    assert torch.equal(flipped, -first)

@@ -23,14 +23,14 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as torch_adam
 
-from memcompile.optim import functional
+from memcompile.optim import functional, projector
 from memcompile.optim.projector import ProjectorSpec
 
 log = logging.getLogger(__name__)
 
 PROJECTION_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "svd": "exact",
-    "oversample": 8, "power_iters": 2,
+    "oversample": 8, "power_iters": 2, "signs": "continuous",
 }
 """Keys a projected group gets when it does not name them."""
 
@@ -50,7 +50,8 @@ def projector_spec(group: dict[str, Any]) -> ProjectorSpec:
     """The :class:`ProjectorSpec` a projected parameter group describes."""
     return ProjectorSpec(rank=group["rank"], proj_type=group["proj_type"], scale=group["scale"],
                          update_proj_gap=group["update_proj_gap"], svd=group["svd"],
-                         oversample=group["oversample"], power_iters=group["power_iters"])
+                         oversample=group["oversample"], power_iters=group["power_iters"],
+                         signs=group["signs"])
 
 
 class GaLoreAdamW(Optimizer):
@@ -72,6 +73,14 @@ class GaLoreAdamW(Optimizer):
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
         self.fused_backward = False
+        """Whether compiled backwards hand projected weights' gradients to `_fused_update`."""
+        self.max_grad_norm: float | None = None
+        """Clip the global gradient norm (all parameters) to this in `step`, as
+        `torch.nn.utils.clip_grad_norm_` would; None: no clipping."""
+        self.micro_batches = 1
+        """Backward passes per step (gradient accumulation); checked with fused updates."""
+        self._pending: dict[torch.Tensor, dict[str, Any]] = {}  # fused gradients not stepped yet
+        self._group_of: dict[int, dict[str, Any]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, filling in and checking its projection keys when it has ``rank``."""
@@ -104,18 +113,32 @@ class GaLoreAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step of every parameter with a gradient; returns ``closure()`` if given."""
+        """One step of every parameter with a gradient; returns ``closure()`` if given.
+
+        With ``max_grad_norm`` the gradients are first clipped to that global norm. Projected
+        weights whose gradients a compiled backward already took (``fused_backward``) are
+        finished from what the backward left, or were stepped inside it.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        coef = self._clip_coefficient() if self.max_grad_norm is not None else None
         for group in self.param_groups:
             if "rank" in group:
-                self._step_projected(group)
-            elif group["adam_rule"] == "torch":
+                # Clipped after projection: the projector is refreshed from the gradient as the
+                # backward produced it, in this path and the fused one alike (module docstring).
+                self._step_projected(group, coef)
+                continue
+            if coef is not None:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+            if group["adam_rule"] == "torch":
                 self._step_torch_rule(group)
             else:
                 self._step_plain(group)
+        self._pending.clear()
         return loss
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any],
@@ -129,25 +152,129 @@ class GaLoreAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros(moments_shape, dtype=p.dtype, device=p.device)
         return state
 
-    def _step_projected(self, group: dict[str, Any]) -> None:
+    def _step_projected(self, group: dict[str, Any], coef: torch.Tensor | None = None) -> None:
         spec = projector_spec(group)
-        damping = group["damping"] if self.natural else None
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            _reject_sparse(p.grad)
-            state = self._init_state(p, group, spec.lowrank_shape(p.shape))
-            if "projector" not in state:
-                state["projector"] = torch.zeros(spec.projector_shape(p.shape), dtype=p.dtype,
-                                                 device=p.device)
-                if self.natural:
-                    numel = state["exp_avg"].numel()
-                    state["history"] = torch.zeros((group["natural_history"], numel),
-                                                   dtype=p.dtype, device=p.device)
-            functional.projected_adamw_step(
-                p, p.grad, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                weight_decay=group["weight_decay"], correct_bias=group["correct_bias"],
-                spec=spec, damping=damping)
+            pending = self._pending.get(p)
+            if pending is not None:
+                self._finish_fused(p, pending, group, spec, coef)
+            elif p.grad is not None:
+                _reject_sparse(p.grad)
+                self._step_projected_one(p, p.grad, group, spec, coef)
+
+    def _projected_state(self, p: torch.Tensor, group: dict[str, Any],
+                         spec: ProjectorSpec) -> dict[str, torch.Tensor]:
+        state = self._init_state(p, group, spec.lowrank_shape(p.shape))
+        if "projector" not in state:
+            state["projector"] = torch.zeros(spec.projector_shape(p.shape), dtype=p.dtype,
+                                             device=p.device)
+            if self.natural:
+                numel = state["exp_avg"].numel()
+                state["history"] = torch.zeros((group["natural_history"], numel),
+                                               dtype=p.dtype, device=p.device)
+        return state
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"lr": group["lr"], "betas": group["betas"], "eps": group["eps"],
+                "weight_decay": group["weight_decay"], "correct_bias": group["correct_bias"],
+                "damping": group["damping"] if self.natural else None}
+
+    def _step_projected_one(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+                            spec: ProjectorSpec, coef: torch.Tensor | None = None) -> None:
+        state = self._projected_state(p, group, spec)
+        if coef is None:
+            functional.projected_adamw_step(p, grad, state, spec=spec, **self._hyper(group))
+            return
+        lowrank, flag = functional.absorb_gradient(grad, state, spec)
+        functional.lowrank_adamw_step(p, lowrank * coef, flag, state, spec=spec,
+                                      **self._hyper(group))
+
+    # -- updates inside the backward (fused_backward) -------------------------------------------
+
+    @property
+    def defers_fused_updates(self) -> bool:
+        """Whether fused gradients wait for `step`: clipping needs the global norm first, and
+        accumulation the last micro-batch."""
+        return self.max_grad_norm is not None or self.micro_batches > 1
+
+    def _fused_update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """Take the complete gradient of projected weight ``p`` from inside a backward.
+
+        Without clipping or accumulation the weight steps at once. Otherwise the gradient is
+        projected and summed into a low-rank buffer (exact: the projection is linear and the
+        projector fixed within a step), or, when the subspace must be refreshed from the summed
+        gradient or clipping needs the summed gradient's norm, summed at full size.
+        """
+        group = self._projected_group(p)
+        spec = projector_spec(group)
+        pending = self._pending.setdefault(p, {"count": 0})
+        pending["count"] += 1
+        if not self.defers_fused_updates:
+            if pending["count"] > 1:
+                raise RuntimeError(
+                    "memcompile: a fused backward stepped this weight a second time before "
+                    "optimizer.step(); for gradient accumulation pass micro_batches=<backward "
+                    "passes per step> to memcompile.optim.lowrank")
+            self._step_projected_one(p, grad, group, spec)
+            return
+        state = self._projected_state(p, group, spec)
+        refresh_due = bool(torch.remainder(state["step"], spec.update_proj_gap) == 0)
+        if self.micro_batches > 1 and (refresh_due or self.max_grad_norm is not None):
+            _accumulate(pending, "grad_sum", grad)
+            return
+        if self.micro_batches == 1:
+            lowrank, _ = functional.absorb_gradient(grad, state, spec, traced=False)
+            if self.max_grad_norm is not None:
+                pending["norm"] = torch.linalg.vector_norm(grad, 2)
+        else:
+            lowrank = projector.project(grad, state["projector"], spec.side(p.shape))
+        _accumulate(pending, "lowrank", lowrank)
+
+    def _finish_fused(self, p: torch.Tensor, pending: dict[str, Any], group: dict[str, Any],
+                      spec: ProjectorSpec, coef: torch.Tensor | None) -> None:
+        expected = self.micro_batches if self.defers_fused_updates else 1
+        if pending["count"] != expected:
+            raise RuntimeError(
+                f"memcompile: {pending['count']} backward pass(es) reached this weight since the "
+                f"last optimizer.step(), but the optimizer was set up for {expected} "
+                "(micro_batches of memcompile.optim.lowrank)")
+        if "grad_sum" in pending:
+            self._step_projected_one(p, pending["grad_sum"], group, spec, coef)
+        elif "lowrank" in pending:
+            state = self.state[p]
+            lowrank = pending["lowrank"] if coef is None else pending["lowrank"].mul_(coef)
+            flag = torch.remainder(state["step"], spec.update_proj_gap) == 0
+            functional.lowrank_adamw_step(p, lowrank, flag, state, spec=spec,
+                                          **self._hyper(group))
+        # else: stepped inside the backward already
+
+    def _projected_group(self, p: torch.Tensor) -> dict[str, Any]:
+        group = self._group_of.get(id(p))
+        if group is None:
+            self._group_of = {id(q): g for g in self.param_groups if "rank" in g
+                              for q in g["params"]}
+            group = self._group_of.get(id(p))
+            if group is None:
+                raise RuntimeError("memcompile: a fused backward handed over the gradient of a "
+                                   "weight this optimizer does not project")
+        return group
+
+    def _clip_coefficient(self) -> torch.Tensor:
+        """``clip_grad_norm_``'s coefficient over every gradient, fused ones included."""
+        norms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                pending = self._pending.get(p)
+                if pending is not None and "norm" in pending:
+                    norms.append(pending["norm"])
+                elif pending is not None and "grad_sum" in pending:
+                    norms.append(torch.linalg.vector_norm(pending["grad_sum"], 2))
+                elif p.grad is not None:
+                    norms.append(torch.linalg.vector_norm(p.grad, 2))
+        if not norms:
+            return torch.tensor(1.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
     def _step_plain(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
@@ -196,6 +323,13 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     refresh; Adam's moments are kept, as in GaLore."""
 
     natural = True
+
+
+def _accumulate(pending: dict[str, Any], key: str, value: torch.Tensor) -> None:
+    if key in pending:
+        pending[key].add_(value)
+    else:
+        pending[key] = value.clone()
 
 
 def _reject_sparse(grad: torch.Tensor) -> None:

@@ -80,19 +80,53 @@ def refresh_projector(grad: torch.Tensor, state: State, spec: ProjectorSpec, *,
     current = state["projector"]
     if traced is None:
         traced = torch.compiler.is_compiling()
+    def do_refresh(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        new = projector.refresh(g, spec)
+        if spec.signs == "continuous":
+            new = projector.align_signs(new, p, spec.side(g.shape))
+        return new
+
     if not traced:
         if bool(flag):
-            current.copy_(projector.refresh(grad, spec))
+            current.copy_(do_refresh(grad, current))
         return flag
-
-    def do_refresh(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return projector.refresh(g, spec)
 
     def keep(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return p.clone()
 
     current.copy_(torch.cond(flag, do_refresh, keep, (grad, current)))
     return flag
+
+
+def absorb_gradient(grad: torch.Tensor, state: State, spec: ProjectorSpec, *,
+                    traced: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 for a weight's complete gradient: refresh the projector when due, then
+    project. Returns the low-rank gradient and the refresh flag (a bool tensor)."""
+    flag = refresh_projector(grad, state, spec, traced=traced)
+    return projector.project(grad, state["projector"], spec.side(grad.shape)), flag
+
+
+def lowrank_adamw_step(param: torch.Tensor, lowrank: torch.Tensor, flag: torch.Tensor,
+                       state: State, *, lr: float, betas: tuple[float, float], eps: float,
+                       weight_decay: float, correct_bias: bool, spec: ProjectorSpec,
+                       damping: float | None = None) -> None:
+    """Steps 2 (Natural GaLore's preconditioner) to 4 from a projected gradient, in place.
+
+    `flag` says whether this step refreshed the projector (the history is cleared then).
+    """
+    if damping is not None:
+        history = state["history"]
+        # Clearing by a mask, not a branch: the same code eagerly and in one compiled graph.
+        history.masked_fill_(flag, 0.0)
+        since_refresh = torch.remainder(state["step"], spec.update_proj_gap)
+        natural.push_history(history, lowrank,
+                             torch.remainder(since_refresh, history.shape[0]).long())
+        lowrank = natural.natural_gradient(lowrank, history, damping)
+    state["step"].add_(1)
+    direction = adam_direction(lowrank, state, betas=betas, eps=eps)
+    update = projector.project_back(direction, state["projector"], spec.side(param.shape),
+                                    spec.scale)
+    _apply(param, update, _step_size(state["step"], lr, betas, correct_bias), lr, weight_decay)
 
 
 def projected_adamw_step(param: torch.Tensor, grad: torch.Tensor, state: State, *, lr: float,
@@ -106,18 +140,7 @@ def projected_adamw_step(param: torch.Tensor, grad: torch.Tensor, state: State, 
     does); the natural-gradient history is cleared there, since its rows are coordinates in the
     old basis and would mix two bases in one Fisher estimate.
     """
-    side = spec.side(param.shape)
-    flag = refresh_projector(grad, state, spec, traced=traced)
-    lowrank = projector.project(grad, state["projector"], side)
-    if damping is not None:
-        history = state["history"]
-        # Clearing by a mask, not a branch: the same code eagerly and in one compiled graph.
-        history.masked_fill_(flag, 0.0)
-        since_refresh = torch.remainder(state["step"], spec.update_proj_gap)
-        natural.push_history(history, lowrank,
-                             torch.remainder(since_refresh, history.shape[0]).long())
-        lowrank = natural.natural_gradient(lowrank, history, damping)
-    state["step"].add_(1)
-    direction = adam_direction(lowrank, state, betas=betas, eps=eps)
-    update = projector.project_back(direction, state["projector"], side, spec.scale)
-    _apply(param, update, _step_size(state["step"], lr, betas, correct_bias), lr, weight_decay)
+    lowrank, flag = absorb_gradient(grad, state, spec, traced=traced)
+    lowrank_adamw_step(param, lowrank, flag, state, lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay, correct_bias=correct_bias, spec=spec,
+                       damping=damping)

@@ -31,6 +31,15 @@ SVD_METHODS = ("exact", "randomized")
 finder (Halko, Martinsson and Tropp 2011, Algorithm 4.4 with power iterations)."""
 
 
+SIGN_CONVENTIONS = ("continuous", "svd")
+"""A singular vector's sign is arbitrary, yet GaLore keeps Adam's moments across a refresh, so the
+sign decides how old moments combine with new gradients. ``"continuous"`` (memcompile's default)
+flips each new vector to point the way the old one did (the first time: its largest entry
+positive), so a gradient that changed by rounding gives a projector that changed by rounding.
+``"svd"`` keeps the signs the SVD returns, as galore-torch does: bit-level changes of the gradient
+(a different summation order, a fused kernel) can flip a sign and move the run by O(lr)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProjectorSpec:
     """How one weight is projected; built once per parameter group from its keys."""
@@ -49,12 +58,18 @@ class ProjectorSpec:
     """Randomized SVD only: extra sketch columns beyond r (more is more accurate)."""
     power_iters: int = 2
     """Randomized SVD only: power iterations; each multiplies the error by σ_{r+p+1}/σ_r again."""
+    signs: str = "continuous"
+    """One of :data:`SIGN_CONVENTIONS`: how a refresh picks each singular vector's sign."""
 
     def __post_init__(self) -> None:
         if self.proj_type not in PROJ_TYPES:
             raise ValueError(
                 f"proj_type {self.proj_type!r} is not supported; valid values: {list(PROJ_TYPES)}"
                 " (galore-torch's two-sided 'full' is not implemented)"
+            )
+        if self.signs not in SIGN_CONVENTIONS:
+            raise ValueError(
+                f"signs {self.signs!r} is not supported; valid values: {list(SIGN_CONVENTIONS)}"
             )
         if self.svd not in SVD_METHODS:
             raise ValueError(
@@ -130,6 +145,17 @@ def refresh(grad: torch.Tensor, spec: ProjectorSpec) -> torch.Tensor:
         basis = randomized_left_vectors(target, spec.rank, spec.oversample, spec.power_iters)
         basis = basis if side == "left" else basis.mT
     return basis.to(grad.dtype).contiguous()
+
+
+def align_signs(new: torch.Tensor, old: torch.Tensor, side: str) -> torch.Tensor:
+    """``new`` with each singular vector (a column on the left, a row on the right) flipped to
+    have a non-negative inner product with the same vector of ``old``; where that is zero (the
+    first refresh, whose ``old`` is zeros), flipped so its largest-magnitude entry is positive."""
+    dim = 0 if side == "left" else 1  # the axis along which one vector's entries run
+    dots = (new * old).sum(dim=dim, keepdim=True)
+    largest = new.gather(dim, new.abs().argmax(dim=dim, keepdim=True))
+    reference = torch.where(dots != 0, dots, largest)
+    return new * torch.where(reference < 0, -1.0, 1.0).to(new.dtype)
 
 
 def randomized_left_vectors(a: torch.Tensor, rank: int, oversample: int,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memcompile.optim import fused
 from memcompile.optim.adamw import GaLoreAdamW, NaturalGaLoreAdamW
 from memcompile.optim.memory import state_bytes
 from memcompile.optim.projector import ProjectorSpec
@@ -19,14 +20,15 @@ log = logging.getLogger(__name__)
 METHODS = {"galore": GaLoreAdamW, "natural_galore": NaturalGaLoreAdamW}
 """Method name → the optimizer class :func:`lowrank` returns."""
 
-_PROJECTOR_KEYS = ("svd", "oversample", "power_iters")
+_PROJECTOR_KEYS = ("svd", "oversample", "power_iters", "signs")
 _NATURAL_KEYS = ("natural_history", "damping")
 
 
 def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
             params: list[torch.Tensor] | None = None, rank: int, update_proj_gap: int = 200,
             scale: float = 0.25, proj_type: str = "std", method: str = "galore",
-            fused_backward: bool = False, **kwargs: Any) -> GaLoreAdamW:
+            fused_backward: bool = False, max_grad_norm: float | None = None,
+            micro_batches: int = 1, **kwargs: Any) -> GaLoreAdamW:
     """A new GaLore (or Natural GaLore) optimizer over ``optimizer``'s parameters.
 
     The weights in ``params`` (or, from ``model``, those :mod:`memcompile.optim.selection`
@@ -34,6 +36,14 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
     (decoupled, GaLore's rule); every other parameter keeps ``torch.optim.Adam``/``AdamW``'s own
     rule and hyperparameters exactly. Extra keyword arguments: ``svd``, ``oversample``,
     ``power_iters`` and, for ``method="natural_galore"``, ``natural_history`` and ``damping``.
+
+    ``fused_backward=True``: a model compiled with memcompile *after* this call steps each
+    projected weight inside its backward, as soon as the weight's gradient is complete, and
+    frees the gradient (`memcompile.passes.fused_updates`). ``max_grad_norm`` makes ``step()``
+    clip the global gradient norm first (then do not call ``clip_grad_norm_`` yourself: fused
+    weights have no ``.grad`` for it to see); ``micro_batches`` is the number of backward passes
+    per ``step()`` (gradient accumulation). Either makes fused updates wait for ``step()``,
+    holding low-rank buffers (see the README for their memory).
 
     Returns a new optimizer object: the old one must not be stepped afterwards. For each original
     group the new one has the unprojected part, then the projected part (empty parts dropped).
@@ -44,11 +54,14 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not supported; valid: {sorted(METHODS)}")
     _check_kwargs(kwargs, method)
-    if fused_backward:
-        raise NotImplementedError(
-            "fused_backward=True (per-layer updates inside the backward) is not built yet; "
-            "use fused_backward=False"
-        )
+    if not isinstance(fused_backward, bool):
+        raise TypeError(f"fused_backward must be True or False, got {fused_backward!r}")
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                          and not isinstance(max_grad_norm, bool)
+                                          and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
     _check_optimizer(optimizer)
     chosen = _chosen_weights(optimizer, model, params)
     spec = ProjectorSpec(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
@@ -61,6 +74,10 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
     groups = _split_groups(optimizer, {id(w) for w in chosen.values()}, projection)
     new = METHODS[method](groups)
     new.fused_backward = fused_backward
+    new.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+    new.micro_batches = micro_batches
+    if fused_backward:
+        fused.register(new, list(chosen.values()))
     _carry_state(optimizer, new, chosen)
     log.info("lowrank: %d weight(s) projected at rank %d (%s), %d group(s)", len(chosen), rank,
              method, len(new.param_groups))

@@ -1,0 +1,94 @@
+"""`fuse_optimizer_updates`: step projected weights inside the backward graph, one at a time.
+
+With post-accumulate-grad hooks, a compiled model gains nothing: its backward graph returns every
+gradient at once, so all of them are alive together before the first hook runs (research note
+galore_lightseq.md, section 7.1). This pass moves the update into the graph instead. For each
+weight registered by `memcompile.optim.lowrank(..., fused_backward=True)`, the backward
+
+- calls `memcompile::lowrank_update(grad, after, slot)` as soon as the gradient is complete and
+  every op that reads the weight has run: the weight itself, or any view of it the forward
+  saved (a transpose, say; found by storage). Those ops' outputs are the op's `after` inputs,
+  so no scheduler can move a read of the weight past its update;
+- returns no gradient for the weight, so autograd accumulates nothing and the gradient's buffer
+  is freed right after the update.
+
+It runs on the backward graph after the split (the joint graph's outputs are the gradients
+themselves). Weights whose gradient it cannot route (a gradient returned twice, a graph whose
+inputs do not line up with its gradients) keep their ordinary gradient, with a note saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+import torch.fx as fx
+
+from memcompile.analysis.memory import storage_key, tensor_bytes
+from memcompile.meta import Decision, record_decision, record_note
+import memcompile.optim.fused  # noqa: F401  (defines memcompile::lowrank_update)
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "fuse_optimizer_updates"
+
+
+def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
+                           weight_storages: Mapping[int, int], num_primals: int) -> fx.GraphModule:
+    """Rewrite `bw` so the weights of `slots` (primal input index -> registry slot) are updated
+    in the graph. `weight_storages`: primal index -> storage key of the weight (as
+    `analysis.memory.storage_key` reads it); `num_primals`: how many inputs the joint had."""
+    output = bw.graph.output_node()
+    grads = list(output.args[0])
+    if len(grads) != num_primals:
+        record_note(bw, PASS_NAME, f"the backward returns {len(grads)} gradients for "
+                    f"{num_primals} inputs: cannot tell which is whose; unchanged")
+        return bw
+    placeholders = bw.graph.find_nodes(op="placeholder")
+    order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    fused = 0
+    for index, slot in sorted(slots.items()):
+        grad = grads[index]
+        if not isinstance(grad, fx.Node) or grads.count(grad) > 1:
+            why = "no gradient" if not isinstance(grad, fx.Node) else "a gradient shared"
+            record_note(bw, PASS_NAME, f"input {index}: {why}; its optimizer steps it as usual")
+            continue
+        aliases = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)
+                   and storage_key(p.meta["val"]) == weight_storages[index]]
+        readers = _readers(aliases)
+        anchor = max([grad, *readers], key=order.__getitem__)
+        after = [r for r in readers if isinstance(r.meta.get("val"), torch.Tensor)]
+        with bw.graph.inserting_after(anchor):
+            update = bw.graph.call_function(
+                torch.ops.memcompile.lowrank_update.default, (grad, after, slot))
+        update.meta["val"] = None
+        grads[index] = None
+        fused += 1
+        record_decision(bw, Decision(
+            PASS_NAME, "fused update", grad.name, tensor_bytes(grad),
+            f"the optimizer takes this weight's gradient inside the backward (after "
+            f"{anchor.name}); it is never returned or accumulated"))
+    output.args = (grads,)
+    bw.graph.lint()
+    bw.recompile()
+    log.info("%s: %d weight(s) updated inside the backward", PASS_NAME, fused)
+    return bw
+
+
+def _readers(aliases: list[fx.Node]) -> list[fx.Node]:
+    """Every op that reads one of `aliases` (the weight's storage), directly or through views."""
+    readers: list[fx.Node] = []
+    stack = [u for a in aliases for u in a.users]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op == "output":
+            continue
+        seen.add(node)
+        readers.append(node)
+        if isinstance(node.target, torch._ops.OpOverload) and node.target.is_view:
+            stack.extend(node.users)
+        elif not isinstance(node.meta.get("val"), torch.Tensor):
+            stack.extend(node.users)  # a tuple: its getitems are what later ops read
+    return readers
