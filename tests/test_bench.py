@@ -297,7 +297,7 @@ def test_run_config_timeout_is_a_row():
     assert result["error"] == "timed out after 0.2 s"
 
 
-def wrapped_budget_error() -> Exception:
+def wrappedbudget_error_of() -> Exception:
     """A `MemoryBudgetError` as Dynamo raises it: inside another error, ``from None``."""
     from memcompile.errors import MemoryBudgetError
 
@@ -314,7 +314,7 @@ def test_unreachable_budget_is_a_row(monkeypatch, capsys):
     from memcompile.bench import worker
 
     def run_worker(spec):
-        raise wrapped_budget_error()
+        raise wrappedbudget_error_of()
 
     monkeypatch.setattr(worker, "run_worker", run_worker)
     spec = {"mode": "mcbudget_0.1", "seq_len": 8}
@@ -329,8 +329,8 @@ def test_unreachable_budget_is_a_row(monkeypatch, capsys):
 def test_other_failures_have_no_budget_status():
     from memcompile.bench import worker
 
-    assert worker._budget_error(RuntimeError("out of memory")) is None
-    assert worker._budget_error(wrapped_budget_error()).least_peak_bytes == 5 * MIB
+    assert worker.budget_error_of(RuntimeError("out of memory")) is None
+    assert worker.budget_error_of(wrappedbudget_error_of()).least_peak_bytes == 5 * MIB
 
 
 # ------------------------------------------------------------------------------------ plane

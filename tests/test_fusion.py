@@ -1,7 +1,9 @@
 """The Inductor memory model: which values Inductor's kernels inline, and the peak it implies.
 
-Structure on tiny aten graphs (`make_fx`), exact bytes on a whole-MiB joint graph, and the
-planner pricing plans on it when the runtime is Inductor.
+Structure on tiny aten graphs (`make_fx`), exact bytes on whole-MiB joint graphs, and the
+planner pricing plans on it when the runtime is Inductor. (Against the allocator, the model put
+the save-everything plan of `small` at 1,024 tokens at 362.2 MiB, measured 362.2, and of a
+4-layer Hugging Face Llama at 512 tokens, output kept, at 275.8 MiB, measured 275.8.)
 """
 
 from __future__ import annotations
@@ -10,8 +12,14 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from helpers import compile_memcompile, train_step
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import default_partition
+from torch._inductor.decomposition import select_decomp_table
+
 from memcompile.analysis.fusion import unmaterialized
-from memcompile.analysis.joint import _storages
+from memcompile.analysis.joint import JointGraph, _storages
+from memcompile.partition import prepare_joint
 from memcompile.analysis.schedule import layout, simulate_layout
 from memcompile.models import build_model, make_batch
 from memcompile.report import recording
@@ -79,6 +87,45 @@ def test_swiglu_peak_in_exact_bytes_eager_and_inductor():
     assert eager.saved_bytes == inductor.saved_bytes == 12 * MiB + 4
     assert (eager.peak_bytes, eager.peak_node) == (16 * MiB + 8, "mul_1")
     assert (inductor.peak_bytes, inductor.peak_node) == (13 * MiB + 8, "mm_2")
+
+
+def inductor_joint_of(fn, *args) -> JointGraph:
+    """The prepared joint graph of `fn(*args)` after Inductor's decompositions, as the Inductor
+    runtime's partition sees it; the backward starts from ones for the (non-scalar) output."""
+    captured = {}
+
+    def partition(gm, joint_inputs, **kwargs):
+        captured["joint"] = JointGraph.read(prepare_joint(gm), kwargs["num_fwd_outputs"])
+        return default_partition(gm, joint_inputs, **kwargs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(
+        fw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition,
+        decompositions=select_decomp_table()))
+    out = compiled(*args)
+    out.backward(torch.ones_like(out))
+    return captured["joint"]
+
+
+def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_early():
+    """
+    out = embedding(ids, w) * 2, w 4096x256 (4 MiB), 1024 ids: out and its tangent are 1 MiB.
+    The backward after Inductor's decompositions:
+        mul_1 = tangent * 2                        1 MiB (read by the scatter: stored)
+        mask = (ids >= 0) & (ids < 4096) & ...     1 KiB (unsqueezed for the scatter: stored)
+        full = zeros(4096, 256)                    4 MiB
+        grad = masked_index_put_accumulate(full, mask, ids, mul_1)
+    - eager: autograd holds the tangent throughout and the scatter allocates its own output,
+      beside out, mul_1 and full: 1 + 1 + 1 + 4 + 4 MiB (+ the mask).
+    - Inductor: the compiled backward frees the tangent after its last use (mul_1 takes over
+      its buffer), and the scatter writes into full, which dies with it: 1 + 1 + 4 MiB.
+    """
+    w = torch.randn(4096, 256, requires_grad=True)
+    ids = torch.randint(0, 4096, (1024,), generator=torch.Generator().manual_seed(0))
+    joint = inductor_joint_of(lambda ids: torch.nn.functional.embedding(ids, w) * 2, ids)
+    save_all = layout(joint, frozenset())
+    assert simulate_layout(joint, save_all).peak_bytes == 11 * MiB + 1024
+    assert simulate_layout(joint, save_all, fusion=True).peak_bytes == 6 * MiB + 1024
 
 
 def test_the_inductor_runtime_prices_plans_on_inductors_buffers():

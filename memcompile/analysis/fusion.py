@@ -36,6 +36,21 @@ _INLINED = frozenset({
 })
 
 
+# Scatters Inductor lowers to a write into a copy of their first input, which becomes the output:
+# when that input dies here (a fresh `zeros`, say), the copy is elided and its buffer reused.
+_SCATTERS = frozenset({
+    aten.index_put.default, aten._unsafe_index_put.default,
+    aten._unsafe_masked_index_put_accumulate.default, aten.scatter.src, aten.scatter.value,
+    aten.scatter_add.default, aten.scatter_reduce.two, aten.index_add.default,
+    aten.select_scatter.default, aten.slice_scatter.default,
+})
+
+
+def writes_into_first_input(node: fx.Node) -> bool:
+    """Whether Inductor computes `node` by writing into (a copy of) its first input."""
+    return node.op == "call_function" and node.target in _SCATTERS
+
+
 def _tagged(node: fx.Node, tag: torch.Tag) -> bool:
     target = node.target
     return isinstance(target, torch._ops.OpOverload) and tag in target.tags

@@ -28,7 +28,7 @@ from operator import getitem
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.fusion import absorbs_inputs, unmaterialized
+from memcompile.analysis.fusion import absorbs_inputs, unmaterialized, writes_into_first_input
 from memcompile.analysis.joint import JointGraph
 from memcompile.analysis.memory import _obeys_layout_contract
 
@@ -227,10 +227,15 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) ->
         live.release(fwd_value(node) if node.op != "placeholder" else ())
     saved_bytes = live.live
 
-    # The backward: autograd holds the tangents throughout; the saved values move to the graph.
+    # The backward: the eager runtime's autograd holds the tangents throughout (Inductor's
+    # compiled backward takes them over and frees each after its last use); the saved values
+    # move to the graph.
     for tangent in joint.tangents:
         live.hold(bwd_value(tangent))
     event("backward", "tangents")
+    if fusion:
+        for tangent in joint.tangents:
+            live.release(bwd_value(tangent))
     placeholders = {v: bwd_value(v) for v in [*plan.saved, *joint.tangents]}
     for value in placeholders.values():
         live.hold(value)
@@ -268,7 +273,8 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inlined=No
     With `inlined` (Inductor's code: the set of values its kernels compute inline), such a value
     owns no storage: it stands for its inputs' storages, so they stay live until its own last
     reader, the kernel that computes it. And a generated kernel writes its output into an input
-    buffer of the same size that dies with it, as Inductor's in-place reuse does.
+    buffer of the same size that dies with it, as Inductor's in-place reuse does (a scatter:
+    into its first input only).
     """
     members = set(order)
     last_use: dict[fx.Node, fx.Node] = {}
@@ -288,8 +294,14 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inlined=No
             value = value_of(node)
         values[node] = value
         reused = 0
-        if inlined is not None and absorbs_inputs(node):
-            reused = _reusable_bytes(value, [values[d] for d in frees.get(node, ())], live)
+        if inlined is not None:
+            dying = frees.get(node, ())
+            if writes_into_first_input(node):
+                first = node.args[0] if node.args else None
+                dying = [first] if first in dying else []
+            elif not absorbs_inputs(node):
+                dying = []
+            reused = _reusable_bytes(value, [values[d] for d in dying], live)
         live.hold(value)
         live.live -= reused  # the output took over a dying input's buffer
         event(phase, node.name)

@@ -144,7 +144,7 @@ def worker_main(spec_json: str) -> int:
     except BaseException as e:  # noqa: BLE001  (an OOM or any failure is a failed row)
         if isinstance(e, KeyboardInterrupt):
             raise
-        unreachable = _budget_error(e)
+        unreachable = budget_error_of(e)
         if unreachable is not None:
             # The user's budget, not a crash: one line, and the least peak the planner reaches.
             log.warning("configuration %s at %d: %s", spec["mode"], spec["seq_len"], unreachable)
@@ -161,7 +161,7 @@ def worker_main(spec_json: str) -> int:
     return code
 
 
-def _budget_error(error: BaseException) -> MemoryBudgetError | None:
+def budget_error_of(error: BaseException) -> MemoryBudgetError | None:
     """The `MemoryBudgetError` behind `error`, or None.
 
     Dynamo raises what a backend raises as `BackendCompilerFailed` (``from None``, keeping it as
