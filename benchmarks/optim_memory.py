@@ -23,7 +23,6 @@ rest of the step; the difference of a refresh step and a plain step would carry 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,11 +32,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from memcompile.measure import intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -236,19 +237,6 @@ def row_in_subprocess(spec: Mapping[str, Any], timeout: float) -> dict[str, Any]
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
         return {**base, "ok": False, "error": f"worker exited {proc.returncode}: {tail}"[:1000]}
     return json.loads(lines[-1])
-
-
-@contextlib.contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` (None: unchanged), restored on exit: rows may
-    run inside the caller's process."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- refresh time

@@ -27,7 +27,6 @@ each refresh) filled. ``--proj-gap 200`` runs the paper's value.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -39,11 +38,13 @@ import statistics
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from memcompile.measure import intra_op_threads
 
 from memcompile.models import PRESETS, LlamaConfig, build_model
 from memcompile.optim import lowrank, select_weights, state_bytes
@@ -380,19 +381,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plot(results, args.out / "pretrain.png")
     log.info("wrote %s/pretrain.{md,json,png}", args.out)
     return results
-
-
-@contextlib.contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` (None: unchanged), restored on exit: main()
-    may run inside a test process."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(args: argparse.Namespace, command: str) -> dict[str, Any]:

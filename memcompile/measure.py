@@ -223,3 +223,17 @@ def wall_seconds(fn: Callable[[], Any], *, cuda: bool = False) -> float:
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: unchanged), restored on exit, so a
+    benchmark row can pin them inside a caller's process."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+

@@ -118,9 +118,9 @@ class RematPlanner:
         if evicted not in self._points:
             plan = layout(self.joint, evicted)
             seconds = sum(self.node_seconds[n] for n in plan.recomputed)
-            self._points[evicted] = PlanPoint(
-                evicted, plan, simulate_layout(self.joint, plan, fusion=self.fusion), seconds,
-                move)
+            # Planned for the usual loop, `model(**batch).loss.backward()`: logits dropped.
+            sim = simulate_layout(self.joint, plan, fusion=self.fusion, drop_outputs=True)
+            self._points[evicted] = PlanPoint(evicted, plan, sim, seconds, move)
         point = self._points[evicted]
         return point if point.move == move else dataclasses.replace(point, move=move)
 
@@ -224,7 +224,7 @@ class RematPlanner:
         does not save: evicting a value means recomputing it from what is saved already."""
         joint, saved = self.joint, set(current.layout.saved)
         groups = set(move)
-        stack = [i for g in move for m in joint.group_members[g] for i in m.all_input_nodes]
+        stack = [i for g in move for m in joint.group_members[g] for i in joint.inputs[m]]
         seen: set[fx.Node] = set()
         while stack:
             node = stack.pop()
@@ -235,7 +235,7 @@ class RematPlanner:
             if not self._evictable[group] or not joint.is_tensor(node):
                 continue
             groups.add(group)
-            stack.extend(node.all_input_nodes)
+            stack.extend(joint.inputs[node])
         return frozenset(groups)
 
     def _seconds_per_byte(self, group: int, current: PlanPoint) -> float:

@@ -12,14 +12,10 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from helpers import compile_memcompile, train_step
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
-from torch._functorch.partitioners import default_partition
 from torch._inductor.decomposition import select_decomp_table
 
 from memcompile.analysis.fusion import unmaterialized
-from memcompile.analysis.joint import JointGraph, _storages
-from memcompile.partition import prepare_joint
+from memcompile.analysis.joint import _storages
 from memcompile.analysis.schedule import layout, simulate_layout
 from memcompile.models import build_model, make_batch
 from memcompile.report import recording
@@ -89,24 +85,6 @@ def test_swiglu_peak_in_exact_bytes_eager_and_inductor():
     assert (inductor.peak_bytes, inductor.peak_node) == (13 * MiB + 8, "mm_2")
 
 
-def inductor_joint_of(fn, *args) -> JointGraph:
-    """The prepared joint graph of `fn(*args)` after Inductor's decompositions, as the Inductor
-    runtime's partition sees it; the backward starts from ones for the (non-scalar) output."""
-    captured = {}
-
-    def partition(gm, joint_inputs, **kwargs):
-        captured["joint"] = JointGraph.read(prepare_joint(gm), kwargs["num_fwd_outputs"])
-        return default_partition(gm, joint_inputs, **kwargs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=aot_autograd(
-        fw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition,
-        decompositions=select_decomp_table()))
-    out = compiled(*args)
-    out.backward(torch.ones_like(out))
-    return captured["joint"]
-
-
 def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_early():
     """
     out = embedding(ids, w) * 2, w 4096x256 (4 MiB), 1024 ids: out and its tangent are 1 MiB.
@@ -122,7 +100,8 @@ def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_earl
     """
     w = torch.randn(4096, 256, requires_grad=True)
     ids = torch.randint(0, 4096, (1024,), generator=torch.Generator().manual_seed(0))
-    joint = inductor_joint_of(lambda ids: torch.nn.functional.embedding(ids, w) * 2, ids)
+    joint = joint_of(lambda ids: torch.nn.functional.embedding(ids, w) * 2, ids,
+                     decompositions=select_decomp_table())
     save_all = layout(joint, frozenset())
     assert simulate_layout(joint, save_all).peak_bytes == 11 * MiB + 1024
     assert simulate_layout(joint, save_all, fusion=True).peak_bytes == 6 * MiB + 1024

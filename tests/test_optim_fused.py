@@ -27,7 +27,7 @@ def projected_weights(opt):
     return [p for g in opt.param_groups if "rank" in g for p in g["params"]]
 
 
-def train(model, opt, batches, *, micro_batches, runtime, fused, max_grad_norm):
+def train(model, opt, batches, *, micro_batches, runtime):
     """`len(batches) // micro_batches` steps of the loop a user writes; returns the records."""
     compiled = compile_memcompile(model, runtime=runtime)
     it = iter(batches)
@@ -50,9 +50,18 @@ def run(fused, *, method="galore", max_grad_norm=None, micro_batches=1, runtime=
                   fused_backward=fused, max_grad_norm=max_grad_norm,
                   micro_batches=micro_batches if fused else 1)
     batches = [make_batch("tiny", seq_len=32, seed=s) for s in range(steps * micro_batches)]
-    records = train(model, opt, batches, micro_batches=micro_batches, runtime=runtime,
-                    fused=fused, max_grad_norm=max_grad_norm)
+    records = train(model, opt, batches, micro_batches=micro_batches, runtime=runtime)
     return model, opt, records
+
+
+def fused_tiny(**options):
+    """A float64 tiny Llama, its fused GaLore optimizer (`options` for `lowrank`) and the model
+    compiled after the swap (eager runtime)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", dtype=torch.float64)
+    opt = lowrank(torch.optim.AdamW(model.parameters()), model=model, rank=8,
+                  fused_backward=True, **options)
+    return model, opt, compile_memcompile(model, runtime="eager")
 
 
 def max_param_error(a, b):
@@ -60,11 +69,7 @@ def max_param_error(a, b):
 
 
 def test_the_backward_updates_each_projected_weight_after_its_last_reader():
-    torch.manual_seed(0)
-    model = build_model("tiny", dtype=torch.float64)
-    opt = lowrank(torch.optim.AdamW(model.parameters()), model=model, rank=8,
-                  fused_backward=True)
-    compiled = compile_memcompile(model, runtime="eager")
+    model, opt, compiled = fused_tiny()
     with recording() as records:
         compiled(**make_batch("tiny", seq_len=16)).loss.backward()
     (record,) = [r for r in records if r.kind == "training"]
@@ -105,11 +110,7 @@ def test_fused_updates_under_inductor_give_the_unfused_parameters():
 
 
 def test_accumulating_without_saying_so_is_an_error_not_a_silent_double_step():
-    torch.manual_seed(0)
-    model = build_model("tiny", dtype=torch.float64)
-    opt = lowrank(torch.optim.AdamW(model.parameters()), model=model, rank=8,
-                  fused_backward=True)
-    compiled = compile_memcompile(model, runtime="eager")
+    _, _, compiled = fused_tiny()
     batch = make_batch("tiny", seq_len=16)
     compiled(**batch).loss.backward()
     with pytest.raises(RuntimeError, match="second time before optimizer.step.*micro_batches"):
@@ -117,11 +118,7 @@ def test_accumulating_without_saying_so_is_an_error_not_a_silent_double_step():
 
 
 def test_fewer_micro_batches_than_declared_is_an_error():
-    torch.manual_seed(0)
-    model = build_model("tiny", dtype=torch.float64)
-    opt = lowrank(torch.optim.AdamW(model.parameters()), model=model, rank=8,
-                  fused_backward=True, micro_batches=2)
-    compiled = compile_memcompile(model, runtime="eager")
+    _, opt, compiled = fused_tiny(micro_batches=2)
     compiled(**make_batch("tiny", seq_len=16)).loss.backward()
     with pytest.raises(RuntimeError, match="1 backward pass.*set up for 2"):
         opt.step()
@@ -167,3 +164,19 @@ def test_projected_gradients_never_coexist():
     """
     assert backward_peak(False) == 4 * 2**20 + 32 * 2**10 + 4
     assert backward_peak(True) == 2**20 + 64 * 2**10 + 4
+
+
+def test_a_fused_optimizer_resumes_from_its_state_dict():
+    """After load_state_dict (new group dicts, new lr), fused updates use the loaded groups."""
+    model, opt, compiled = fused_tiny()
+    batch = make_batch("tiny", seq_len=16)
+    compiled(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    saved = opt.state_dict()
+    saved["param_groups"][-1]["lr"] = 0.0  # the projected group: a zero lr freezes its weights
+    opt.load_state_dict(saved)
+    before = [p.detach().clone() for p in projected_weights(opt)]
+    compiled(**batch).loss.backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, projected_weights(opt)))

@@ -38,8 +38,10 @@ MiB = 2**20
 FIXED_COST = CostModel(seconds_per_op=1e-6, seconds_per_byte=1e-10, seconds_per_flop=1e-11)
 
 
-def joint_of(fn, *args) -> JointGraph:
-    """The prepared joint graph of `fn(*args)` (a scalar loss), as memcompile's passes see it."""
+def joint_of(fn, *args, decompositions=None) -> JointGraph:
+    """The prepared joint graph of `fn(*args)`, as memcompile's passes see it; the backward
+    starts from ones for the output. `decompositions`: e.g. Inductor's, as the Inductor runtime
+    traces."""
     captured = {}
 
     def partition(gm, joint_inputs, **kwargs):
@@ -48,8 +50,10 @@ def joint_of(fn, *args) -> JointGraph:
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=aot_autograd(
-        fw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition))
-    compiled(*args).backward()
+        fw_compiler=lambda gm, _: make_boxed_func(gm), partition_fn=partition,
+        decompositions=decompositions))
+    out = compiled(*args)
+    out.backward(torch.ones_like(out))
     return captured["joint"]
 
 

@@ -19,6 +19,7 @@ is invisible here. The bench reports the allocator's peak beside the plan for th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -51,22 +52,23 @@ def writes_into_first_input(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _SCATTERS
 
 
-def _tagged(node: fx.Node, tag: torch.Tag) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and tag in target.tags
+@functools.lru_cache(maxsize=None)
+def _op_kind(target: object) -> tuple[bool, bool]:
+    """(inlines, absorbs inputs) of an op: a planner asks thousands of times per graph."""
+    tags = target.tags if isinstance(target, torch._ops.OpOverload) else ()
+    inlined = target in _INLINED or torch.Tag.pointwise in tags
+    return inlined, inlined or torch.Tag.reduction in tags
 
 
 def inlines(node: fx.Node) -> bool:
     """Whether Inductor turns `node`'s op into an expression a consumer's kernel can inline."""
-    if node.op != "call_function":
-        return False
-    return node.target in _INLINED or _tagged(node, torch.Tag.pointwise)
+    return node.op == "call_function" and _op_kind(node.target)[0]
 
 
 def absorbs_inputs(node: fx.Node) -> bool:
     """Whether `node`'s kernel can compute an inlinable input itself instead of loading it:
     pointwise ops and reductions can; extern kernels (matmul, attention, fallbacks) cannot."""
-    return inlines(node) or _tagged(node, torch.Tag.reduction)
+    return node.op == "call_function" and _op_kind(node.target)[1]
 
 
 def is_alias(node: fx.Node, storages: Mapping[fx.Node, tuple[tuple[int, int], ...]]) -> bool:
@@ -78,10 +80,17 @@ def is_alias(node: fx.Node, storages: Mapping[fx.Node, tuple[tuple[int, int], ..
     return own <= inherited
 
 
+def aliases(nodes: Iterable[fx.Node],
+            storages: Mapping[fx.Node, tuple[tuple[int, int], ...]]) -> frozenset[fx.Node]:
+    """The nodes among `nodes` that only view their inputs' storages (`is_alias`)."""
+    return frozenset(n for n in nodes if is_alias(n, storages))
+
+
 def unmaterialized(
     order: Iterable[fx.Node],
     returned: set[fx.Node],
     storages: Mapping[fx.Node, tuple[tuple[int, int], ...]],
+    alias_nodes: frozenset[fx.Node] | None = None,
 ) -> set[fx.Node]:
     """The nodes of one graph (`order`, topological) whose values Inductor never stores.
 
@@ -92,12 +101,14 @@ def unmaterialized(
     """
     order = list(order)
     members = set(order)
+    if alias_nodes is None:
+        alias_nodes = aliases(order, storages)
     fused: set[fx.Node] = set()
     for node in reversed(order):  # readers come later, so they are decided first
-        if node in returned or not (inlines(node) or is_alias(node, storages)):
+        if node in returned or not (inlines(node) or node in alias_nodes):
             continue
         readers = [u for u in node.users if u in members]
-        if readers and all(u in fused or (absorbs_inputs(u) and not is_alias(u, storages))
+        if readers and all(u in fused or (absorbs_inputs(u) and u not in alias_nodes)
                            for u in readers):
             fused.add(node)
     return fused

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from memcompile.analysis.fusion import aliases as fusion_aliases
 from memcompile.analysis.memory import _tensors, concrete, is_tangent, storage_key
 
 _SAVE_POLICIES = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
@@ -149,6 +150,16 @@ class JointGraph:
         return cls(gm, num_fwd_outputs, order, forward, backward, tangent_dependent, needed,
                    primals, tangents, fwd_outputs, bwd_outputs, storages, external, group_of,
                    group_members, banned, model_recompute)
+
+    @functools.cached_property
+    def inputs(self) -> dict[fx.Node, list[fx.Node]]:
+        """Each node's input nodes (`Node.all_input_nodes` builds a new list per call)."""
+        return {n: n.all_input_nodes for n in self.gm.graph.nodes}
+
+    @functools.cached_property
+    def aliases(self) -> frozenset[fx.Node]:
+        """Nodes whose values only view their inputs' storages (views, reshapes)."""
+        return fusion_aliases(self.gm.graph.nodes, self.storages)
 
     def is_tensor(self, node: fx.Node) -> bool:
         """Whether the node's value holds tensors (symbolic ints and None do not)."""

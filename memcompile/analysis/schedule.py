@@ -64,7 +64,7 @@ def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
             saved.add(value)  # an input, a symbolic size, or a value the plan keeps
         else:
             recomputed.add(value)
-            stack.extend(i for i in value.all_input_nodes if i in joint.forward)
+            stack.extend(i for i in joint.inputs[value] if i in joint.forward)
     by_order = joint.order.__getitem__
     fwd_roots = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     fwd_roots += [v for v in saved if v.op != "placeholder"]
@@ -121,7 +121,7 @@ def _lazy_backward_order(joint: JointGraph, recomputed: set[fx.Node]) -> list[fx
                         order.append(user)
                 continue
             stack.append((node, True))
-            for inp in reversed(node.all_input_nodes):
+            for inp in reversed(joint.inputs[node]):
                 if inp in members and inp not in placed:
                     stack.append((inp, False))
 
@@ -180,11 +180,15 @@ class _Live:
                     self.died[inst[1]] = self.events
 
 
-def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) -> PlanSimulation:
+def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
+                    drop_outputs: bool = False) -> PlanSimulation:
     """Simulate one step of `plan`: bytes above what was live at its start, at every op.
 
     `fusion=True` models Inductor's code instead of the eager runtime's: values Inductor inlines
     into their readers' kernels hold no buffer (`analysis.fusion.unmaterialized`).
+    `drop_outputs=True`: the caller keeps only scalar outputs (the loss it calls `backward` on)
+    and drops the others (logits) before the backward, as `model(**batch).loss.backward()`
+    does; by default every output stays live, as in `memcompile.analysis.memory`.
     """
     live = _Live()
     peak = [-1, "", "", 0]  # bytes, phase, node, event number
@@ -215,10 +219,12 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) ->
     fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     returned = [*fwd_outputs, *plan.saved]
     def inlined(order: list[fx.Node], graph_returns: set[fx.Node]) -> set[fx.Node] | None:
-        return unmaterialized(order, graph_returns, joint.storages) if fusion else None
+        if not fusion:
+            return None
+        return unmaterialized(order, graph_returns, joint.storages, joint.aliases)
 
     fwd_returned = set(returned)
-    _run(plan.forward_order, fwd_value, {}, fwd_returned, live, event, "forward",
+    _run(plan.forward_order, fwd_value, {}, fwd_returned, live, event, "forward", joint.inputs,
          inlined(plan.forward_order, fwd_returned))
     handed_over = [fwd_value(v) for v in returned]
     for value in handed_over:
@@ -227,6 +233,11 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) ->
         live.release(fwd_value(node) if node.op != "placeholder" else ())
     saved_bytes = live.live
 
+    if drop_outputs:
+        for node, value in zip(fwd_outputs, handed_over):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                live.release(value)
     # The backward: the eager runtime's autograd holds the tangents throughout (Inductor's
     # compiled backward takes them over and frees each after its last use); the saved values
     # move to the graph.
@@ -244,7 +255,7 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) ->
     grads = list(joint.bwd_outputs)
     grad_nodes = {g for g in grads if isinstance(g, fx.Node)}
     _run(plan.backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward",
-         inlined(plan.backward_order, grad_nodes))
+         joint.inputs, inlined(plan.backward_order, grad_nodes))
     grad_values = [bwd_value(g) if isinstance(g, fx.Node) else () for g in grads]
     for value in grad_values:
         live.hold(value)
@@ -267,7 +278,8 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False) ->
     return PlanSimulation(max(peak_bytes, 0), phase, name, saved_bytes, live_at_peak)
 
 
-def _run(order, value_of, placeholders, returned, live, event, phase, inlined=None) -> None:
+def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
+         inlined=None) -> None:
     """One graph: hold each op's value, then drop what this op used for the last time.
 
     With `inlined` (Inductor's code: the set of values its kernels compute inline), such a value
@@ -279,7 +291,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inlined=No
     members = set(order)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in order:
-        for inp in node.all_input_nodes:
+        for inp in inputs[node]:
             if inp in members or inp in placeholders:
                 last_use[inp] = node
     frees: dict[fx.Node, list[fx.Node]] = {}
@@ -289,7 +301,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inlined=No
     values = dict(placeholders)
     for node in order:
         if inlined is not None and node in inlined:
-            value = tuple(s for i in node.all_input_nodes for s in values.get(i, ()))
+            value = tuple(s for i in inputs[node] for s in values.get(i, ()))
         else:
             value = value_of(node)
         values[node] = value

@@ -250,7 +250,8 @@ class GaLoreAdamW(Optimizer):
 
     def _projected_group(self, p: torch.Tensor) -> dict[str, Any]:
         group = self._group_of.get(id(p))
-        if group is None:
+        # Rebuilt when a group is gone: load_state_dict replaces the group dicts.
+        if group is None or not any(group is g for g in self.param_groups):
             self._group_of = {id(q): g for g in self.param_groups if "rank" in g
                               for q in g["params"]}
             group = self._group_of.get(id(p))
