@@ -97,6 +97,7 @@ def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_earl
       beside out, mul_1 and full: 1 + 1 + 1 + 4 + 4 MiB (+ the mask).
     - Inductor: the compiled backward frees the tangent after its last use (mul_1 takes over
       its buffer), and the scatter writes into full, which dies with it: 1 + 1 + 4 MiB.
+    A caller that drops `out` before the backward saves its 1 MiB in both.
     """
     w = torch.randn(4096, 256, requires_grad=True)
     ids = torch.randint(0, 4096, (1024,), generator=torch.Generator().manual_seed(0))
@@ -105,6 +106,10 @@ def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_earl
     save_all = layout(joint, frozenset())
     assert simulate_layout(joint, save_all).peak_bytes == 11 * MiB + 1024
     assert simulate_layout(joint, save_all, fusion=True).peak_bytes == 6 * MiB + 1024
+    # As the planner prices it: the caller drops the (non-scalar) output before the backward.
+    assert simulate_layout(joint, save_all, drop_outputs=True).peak_bytes == 10 * MiB + 1024
+    assert simulate_layout(joint, save_all, fusion=True,
+                           drop_outputs=True).peak_bytes == 5 * MiB + 1024
 
 
 def test_the_inductor_runtime_prices_plans_on_inductors_buffers():
