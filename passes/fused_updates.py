@@ -20,6 +20,7 @@ inputs do not line up with its gradients) keep their ordinary gradient, with a n
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 
 import torch
@@ -46,11 +47,12 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
                     f"{num_primals} inputs: cannot tell which is whose; unchanged")
         return bw
     placeholders = bw.graph.find_nodes(op="placeholder")
+    returned_count = Counter(g for g in grads if isinstance(g, fx.Node))
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     fused = 0
     for index, slot in sorted(slots.items()):
         grad = grads[index]
-        if not isinstance(grad, fx.Node) or grads.count(grad) > 1:
+        if not isinstance(grad, fx.Node) or returned_count[grad] > 1:
             why = "no gradient" if not isinstance(grad, fx.Node) else "a gradient shared"
             record_note(bw, PASS_NAME, f"input {index}: {why}; its optimizer steps it as usual")
             continue

@@ -68,7 +68,7 @@ def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
     by_order = joint.order.__getitem__
     fwd_roots = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     fwd_roots += [v for v in saved if v.op != "placeholder"]
-    forward_nodes = _closure(fwd_roots, joint.forward)
+    forward_nodes = _closure(fwd_roots, joint.forward, joint.inputs)
     forward_order = _raise_getitems(
         sorted((n for n in forward_nodes if n.op != "placeholder"), key=by_order), forward_nodes)
     backward_order = _lazy_backward_order(joint, recomputed)
@@ -76,14 +76,15 @@ def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
                   forward_order, backward_order)
 
 
-def _closure(roots: Iterable[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
+def _closure(roots: Iterable[fx.Node], within: set[fx.Node],
+             inputs: dict[fx.Node, list[fx.Node]]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = [r for r in roots if r in within]
     while stack:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(i for i in node.all_input_nodes if i in within and i not in seen)
+            stack.extend(i for i in inputs[node] if i in within and i not in seen)
     return seen
 
 
@@ -216,13 +217,13 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
 
     # The forward graph: the inputs cost nothing; each value dies after its last use, except
     # what it returns (the user's outputs, then the saved values).
-    fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
-    returned = [*fwd_outputs, *plan.saved]
     def inlined(order: list[fx.Node], graph_returns: set[fx.Node]) -> set[fx.Node] | None:
         if not fusion:
             return None
         return unmaterialized(order, graph_returns, joint.storages, joint.aliases)
 
+    fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
+    returned = [*fwd_outputs, *plan.saved]
     fwd_returned = set(returned)
     _run(plan.forward_order, fwd_value, {}, fwd_returned, live, event, "forward", joint.inputs,
          inlined(plan.forward_order, fwd_returned))
