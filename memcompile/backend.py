@@ -23,10 +23,10 @@ def check_available(options: Options) -> None:
             "memcompile option 'sequence_parallel': attention across devices is not available "
             "yet; valid now: False"
         )
-    if options.stream not in ("auto", False):
+    if options.stream is not False and options.stream != "auto" and _stream_dim(options) == "batch":
         raise NotAvailableError(
-            "memcompile option 'stream': StreamBP is not available yet; valid now: 'auto' "
-            "(which leaves graphs unchanged until it is) or False"
+            "memcompile option 'stream': chunking along the batch (dim='batch') is not "
+            "available yet; valid now: dim='sequence'"
         )
 
 
@@ -36,10 +36,16 @@ def memcompile(
     options: Mapping[str, Any] | Options | None = None,
 ) -> Callable[..., Any]:
     """The torch.compile backend: `torch.compile(model, backend="memcompile", options={...})`."""
-    from memcompile.capture import compile_graph
+    from memcompile.capture import compile_graph, compile_stream
 
     # Dynamo wraps what a backend raises as "backend='memcompile' raised: OptionsError: ...",
     # the last line of the traceback: the message names the key and what is valid.
     opts = Options.from_mapping(options)
     check_available(opts)
+    if opts.stream is True or not isinstance(opts.stream, (bool, str)):
+        return compile_stream(gm, example_inputs, opts)
     return compile_graph(gm, example_inputs, opts)
+
+
+def _stream_dim(options: Options) -> str:
+    return getattr(options.stream, "dim", "sequence")

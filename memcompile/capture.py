@@ -16,11 +16,15 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from memcompile.config import Options
+from memcompile.meta import DECISIONS, NOTES
 from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
 from memcompile.report import GraphRecord, discard_record, new_record
@@ -48,8 +52,12 @@ def _inference_compiler(record: GraphRecord) -> Callable[..., Any]:
     return compile_inference
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
-    """Compile one Dynamo graph with memcompile's passes and the runtime the options name."""
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                  notes: Sequence[tuple[str, str]] = ()) -> Any:
+    """Compile one Dynamo graph with memcompile's passes and the runtime the options name.
+
+    `notes` (pass name, text) are added to the graph's record (why stream did not apply).
+    """
     record = new_record()
     fused_slots = {i: slot for i, t in enumerate(example_inputs)
                    if (slot := fused.slot_of(t)) is not None}
@@ -83,8 +91,60 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
         record.kind = "inference"
         record.notes.append(("capture", _INFERENCE_NOTE_INDUCTOR))
         log.info("%s: %s", record.name, _INFERENCE_NOTE_INDUCTOR)
+    record.notes.extend(notes)
     return compiled
 
 
 def _aot_cache_hits() -> int:
     return counters["aot_autograd"]["autograd_cache_hit"]
+
+
+def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
+    """Compile one Dynamo graph with StreamBP (`options["stream"]`), or, where the graph has
+    nothing to chunk, as `compile_graph` does, with a note saying why."""
+    from memcompile.runtime.stream_program import StreamProgram
+    from memcompile.passes.stream_plan import STREAM_PASS, plan_stream
+
+    if any(not isinstance(x, torch.Tensor) or _has_symbolic_shape(x) for x in example_inputs):
+        reason = "stream needs static shapes (a graph with symbolic sizes was captured)"
+        return _without_stream(gm, example_inputs, options, reason)
+    forward = trace_static(gm, example_inputs)
+    plan = plan_stream(forward, list(example_inputs), options)
+    if plan is None:
+        reason = "; ".join(text for name, text in forward.meta.get(NOTES, [])
+                           if name == STREAM_PASS)
+        return _without_stream(gm, example_inputs, options, reason)
+    record = new_record()
+    record.kind = "stream"
+    record.stream_plan = plan
+    record.forward_code = forward.code
+    record.decisions = list(forward.meta.get(DECISIONS, []))
+    record.notes = list(forward.meta.get(NOTES, []))
+    if options.runtime == "inductor":
+        record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
+                                          "Inductor)"))
+    log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
+             "chunked" if plan.head else "whole")
+    return StreamProgram(forward, plan)
+
+
+def trace_static(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """The Dynamo graph as an aten graph with static shapes.
+
+    A fake mode of its own, without a shape environment: inside a backend, Dynamo's ambient
+    fake mode would make sizes symbolic.
+    """
+    mode = FakeTensorMode(shape_env=None)
+    fakes = [mode.from_tensor(x, static_shapes=True) for x in example_inputs]
+    with torch._guards.tracing(None), mode:
+        return make_fx(gm, tracing_mode="real")(*fakes)
+
+
+def _has_symbolic_shape(x: torch.Tensor) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in x.shape)
+
+
+def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                    reason: str) -> Any:
+    log.info("stream not applied: %s", reason)
+    return compile_graph(gm, example_inputs, options, [("stream_plan", f"not applied: {reason}")])

@@ -29,6 +29,7 @@ _BUDGET_VALID = (
 )
 RUNTIMES = ("inductor", "eager")
 STREAM_DIMS = ("sequence", "batch")
+STREAM_KEYS_VALUES = ("once", "per_chunk")
 SP_SCHEDULES = ("balanced", "ring")
 
 
@@ -54,6 +55,10 @@ class StreamOptions:
     """Tokens per chunk of the LM head and loss; "auto" sizes it."""
     dim: Literal["sequence", "batch"] = "sequence"
     """The dimension chunked: the sequence, or the batch for a batch-coupled loss."""
+    keys_values: Literal["once", "per_chunk"] = "once"
+    """How a layer's backward gets attention's keys and values: "once" computes them over the
+    whole length and sums their gradients across chunks; "per_chunk" recomputes them over each
+    chunk's prefix (no whole-length key/value buffers, more recompute)."""
 
 
 class _RejectUnknownKeys(type):
@@ -162,11 +167,19 @@ def _check_stream(value: Any) -> bool | str | StreamOptions:
                 "logits_chunk_size", value.get("logits_chunk_size", "auto")
             ),
             dim=dim,
+            keys_values=_check_keys_values(value.get("keys_values", "once")),
         )
     raise OptionsError(
         "stream", f"got {value!r}; valid: 'auto', True, False, or a dict with keys "
-        "chunk_size, logits_chunk_size, dim"
+        "chunk_size, logits_chunk_size, dim, keys_values"
     )
+
+
+def _check_keys_values(value: Any) -> str:
+    if value in STREAM_KEYS_VALUES:
+        return value
+    raise OptionsError("stream.keys_values",
+                       f"got {value!r}; valid: {', '.join(STREAM_KEYS_VALUES)}")
 
 
 def _check_sequence_parallel(value: Any) -> bool | Mapping[str, Any]:

@@ -29,8 +29,9 @@ class GraphRecord:
 
     name: str
     kind: str = "pending"
-    """ "training" (a joint graph split in two), "inference" (no backward), "cached" (loaded
-    from AOTAutograd's cache, so nothing was recorded), or "pending" while it compiles."""
+    """ "training" (a joint graph split in two), "stream" (run by StreamBP's runtime),
+    "inference" (no backward), "cached" (loaded from AOTAutograd's cache, so nothing was
+    recorded), or "pending" while it compiles."""
     joint_before: str = ""
     joint_after: str = ""
     forward_code: str = ""
@@ -43,6 +44,8 @@ class GraphRecord:
     backward: fx.GraphModule | None = None
     plan: Any = None
     """The rematerialization planner's summary (`passes.remat_plan.RematSummary`), if it ran."""
+    stream_plan: Any = None
+    """StreamBP's regions (`passes.stream_plan.StreamPlan`) for a graph of kind "stream"."""
     _simulation: MemorySimulation | None = field(default=None, repr=False)
 
     def set_split(self, joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule) -> None:

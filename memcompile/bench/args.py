@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile")
+FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile", "stream")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
-    "eager, checkpoint, inductor, memcompile, budget_<float in [0, 1]> (e.g. budget_0.5), "
+    "eager, checkpoint, inductor, memcompile, stream, budget_<float in [0, 1]> (e.g. budget_0.5), "
     "mcbudget_<float in (0, 1]>, mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
 )
 DTYPES = ("float32", "float64", "bfloat16", "float16")

@@ -62,6 +62,14 @@ def _wrap(model: Any, mode: str, options: Mapping[str, Any]) -> Any:
     if mode == "checkpoint":
         _enable_checkpointing(model)
         return model
+    if mode == "stream":
+        import memcompile  # noqa: F401  (registers the backend)
+
+        # StreamBP chunks the loss head only when the compiled function returns the loss alone
+        # (a model's logits output would have to exist whole): the usual loop reads only it.
+        loss = torch.compile(lambda **batch: model(**batch).loss, backend="memcompile",
+                             options={"stream": True, **options})
+        return lambda **batch: _LossOnly(loss(**batch))
     budget_options = mc_budget_options(mode)
     if mode == "memcompile" or budget_options is not None:
         import memcompile  # noqa: F401  (registers the backend)
@@ -70,6 +78,13 @@ def _wrap(model: Any, mode: str, options: Mapping[str, Any]) -> Any:
                              options={**options, **(budget_options or {})})
     # "inductor" and "budget_<f>": torch.compile's defaults (the budget is patched by the caller)
     return torch.compile(model)
+
+
+class _LossOnly:
+    """A step's output holding only the loss (what `step` reads)."""
+
+    def __init__(self, loss: Any):
+        self.loss = loss
 
 
 def _device_name(device: str) -> str:

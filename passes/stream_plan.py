@@ -1,0 +1,392 @@
+"""Decide StreamBP's regions on a forward aten graph: layers re-run in sequence chunks, and a
+loss head computed chunk by chunk.
+
+The graph is read, never the model's classes (`analysis.sequence` supplies the facts):
+
+- An *activation* is a value that depends on a parameter and on a token input. A *cut* is an
+  activation that, once computed, is the only activation still needed: the residual stream
+  between layers, for instance. Nothing else flows from one side of a cut to the other except
+  parameters and values built from the inputs alone (rotary tables, masks).
+- A *layer* runs from one cut to the next cut of the same shape that lies past exactly one
+  token-mixing op (attention). Its backward re-runs it one chunk of queries at a time, with keys
+  and values for the prefix, from its saved input only.
+- The *head* runs from the last layer's output to the graph's outputs: token-local ops, then
+  reductions over the sequence (the loss), then a tail on the reduced values. It runs chunk by
+  chunk, so the `(T, vocabulary)` logits never exist.
+
+A layer holding an op the analysis does not know, or attention that is not over the sequence,
+is not chunked; the report says which op and why. A head whose non-scalar values are graph
+outputs (a model that returns its logits) is not chunked either: those values must exist whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim, SequenceInfo, analyze_sequence
+from memcompile.config import Options, StreamOptions
+from memcompile.meta import Decision, record_decision, record_note
+
+log = logging.getLogger(__name__)
+
+STREAM_PASS = "stream_plan"
+_ADDITIVE = (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.sum.dim_IntList,
+             torch.ops.aten.mean.dim, torch.ops.aten.sum.default, torch.ops.aten.mean.default)
+"""Reductions over the sequence whose value is a sum of per-chunk shares."""
+_NLL = torch.ops.aten.nll_loss_forward.default
+DEFAULT_CHUNK = 1024
+"""Tokens per layer chunk when `chunk_size` is "auto"."""
+DEFAULT_LOGITS_CHUNK = 512
+"""Tokens per head chunk when `logits_chunk_size` is "auto"."""
+
+
+@dataclass
+class Region:
+    """A part of the graph run as one unit: a layer, or the head."""
+
+    kind: str
+    """ "layer" or "head". """
+    input: fx.Node
+    """The cut it starts from (its only activation input)."""
+    outputs: list[fx.Node]
+    nodes: list[fx.Node]
+    """Its nodes in graph order, the input cut excluded."""
+    side_inputs: list[fx.Node] = field(default_factory=list)
+    """Values from outside it, other than the input: parameters, masks, rotary tables."""
+    chunk_size: int = 0
+    keys_values: str = "once"
+    """Layer only: "once" (keys and values computed once per backward, their gradients summed
+    over chunks) or "per_chunk" (each chunk recomputes them over its prefix)."""
+    prefix: set[fx.Node] = field(default_factory=set)
+    """Nodes a chunk needs from the sequence's start (keys and values of attention)."""
+    reductions: list[fx.Node] = field(default_factory=list)
+    """Head only: the nodes that reduce over the sequence."""
+    tail: set[fx.Node] = field(default_factory=set)
+    """Head only: what is computed from the reduced values (run once, after the chunks)."""
+    affine_tail: bool = False
+    """Head only: whether the outputs are affine in the reduced values (their gradients are
+    then constants, known before the chunks run)."""
+
+
+@dataclass
+class StreamPlan:
+    """The regions of one graph, in order, and the analysis they were decided on."""
+
+    info: SequenceInfo
+    activations: set[fx.Node]
+    regions: list[Region]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[Region]:
+        """The layer regions, in order."""
+        return [r for r in self.regions if r.kind == "layer"]
+
+    @property
+    def head(self) -> Region | None:
+        """The head region, if the loss is chunked."""
+        return next((r for r in self.regions if r.kind == "head"), None)
+
+
+def _chunk(value: int | str, default: int) -> int:
+    return default if value == "auto" else int(value)
+
+
+def stream_options(options: Options) -> StreamOptions:
+    """The stream options in full, with defaults for `True` and "auto"."""
+    return options.stream if isinstance(options.stream, StreamOptions) else StreamOptions()
+
+
+def _activations(graph: fx.Graph, info: SequenceInfo, grad_inputs: set[fx.Node]) -> set[fx.Node]:
+    from_params: set[fx.Node] = set(grad_inputs)
+    from_tokens: set[fx.Node] = {n for n in info.dims if n.op == "placeholder"}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            if any(a in from_params for a in node.all_input_nodes):
+                from_params.add(node)
+            if any(a in from_tokens for a in node.all_input_nodes):
+                from_tokens.add(node)
+    return {n for n in from_params & from_tokens if n.op == "call_function"}
+
+
+def _cuts(nodes: list[fx.Node], activations: set[fx.Node], info: SequenceInfo) -> list[fx.Node]:
+    """Activations that are the only activation live right after they are computed."""
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in activations}
+    dying: dict[int, int] = {}
+    for n in activations:
+        if last_use[n] > index[n]:
+            dying[last_use[n]] = dying.get(last_use[n], 0) + 1
+    live, cuts = 0, []
+    for i, node in enumerate(nodes):
+        live -= dying.get(i, 0)
+        if node in activations and last_use[node] > i:
+            live += 1
+            if live == 1 and _is_sequence_tensor(node, info):
+                cuts.append(node)
+    return cuts
+
+
+def _is_sequence_tensor(node: fx.Node, info: SequenceInfo) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor) and isinstance(info.dim_of(node),
+                                                                         SeqDim)
+
+
+def _owned(nodes: list[fx.Node], members: set[fx.Node], activations: set[fx.Node]) -> set[fx.Node]:
+    """`members` and the non-activation values used only by them (built once per region)."""
+    owned = set(members)
+    for node in reversed(nodes):
+        if (node.op == "call_function" and node not in activations and node not in owned
+                and node.users and all(u in owned for u in node.users)):
+            owned.add(node)
+    return owned
+
+
+def _region(kind: str, nodes: list[fx.Node], start: int, stop: int, activations: set[fx.Node],
+            outputs: list[fx.Node]) -> Region:
+    members = {n for n in nodes[start + 1:stop + 1] if n in activations}
+    owned = _owned(nodes[:stop + 1], members, activations)
+    body = [n for n in nodes if n in owned]
+    side: list[fx.Node] = []
+    for node in body:
+        for arg in node.all_input_nodes:
+            if arg not in owned and arg is not nodes[start] and arg not in side:
+                side.append(arg)
+    return Region(kind, nodes[start], outputs, body, side)
+
+
+def _prefix_nodes(region: Region, activations: set[fx.Node]) -> set[fx.Node]:
+    """Region nodes a chunk needs from the start of the sequence: what keys and values read."""
+    prefix: set[fx.Node] = set()
+    stack = [a for n in region.nodes if n.target in ATTENTION_OPS for a in n.args[1:3]]
+    inside = set(region.nodes)
+    while stack:
+        node = stack.pop()
+        if node in prefix or node not in inside or node not in activations:
+            continue
+        prefix.add(node)
+        stack.extend(node.all_input_nodes)
+    return prefix
+
+
+def _layer_problem(region: Region, plan_info: SequenceInfo, activations: set[fx.Node]) -> str | None:
+    """Why a layer region cannot be re-run in chunks, or None if it can."""
+    for node in region.nodes:
+        if node not in activations:
+            continue
+        effect = plan_info.effects.get(node, "local")
+        if effect == "unknown":
+            return f"{node.name}: {plan_info.unknown_reason.get(node, 'unknown op')}"
+        if effect == "reduces":
+            return f"{node.name} ({node.target}) reduces over the sequence"
+        if effect == "mixes" and node.target not in ATTENTION_OPS:
+            return f"{node.name} ({node.target}) mixes tokens and is not attention"
+        if node.target in ATTENTION_OPS and not _causal_or_masked(node):
+            return f"{node.name}: attention that is neither causal nor masked (bidirectional)"
+    return None
+
+
+def _causal_or_masked(node: fx.Node) -> bool:
+    is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
+    return bool(is_causal) or node.kwargs.get("attn_mask") is not None
+
+
+def _head_problem(region: Region, info: SequenceInfo, activations: set[fx.Node]) -> str | None:
+    """Why the head cannot run chunk by chunk, or None if it can."""
+    if not region.reductions:
+        return "no op reduces over the sequence after the last layer (no loss in the graph)"
+    for out in region.outputs:
+        val = out.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(info.dim_of(out), SeqDim):
+            return (f"{out.name} {tuple(val.shape)} is an output of the graph and holds the "
+                    "sequence (logits returned by the model); compile a function that returns "
+                    "only the loss to chunk the head")
+    after = _descendants(region.reductions, set(region.nodes))
+    for node in region.nodes:
+        if node not in activations or node in after or node in region.reductions:
+            continue
+        effect = info.effects.get(node, "local")
+        if effect != "local" or not isinstance(info.dim_of(node), (SeqDim, tuple)):
+            return f"{node.name} ({node.target}): {info.unknown_reason.get(node, effect)}"
+    for node in region.reductions:
+        if node.target not in _ADDITIVE:
+            return f"{node.name} ({node.target}) is not a sum over the sequence"
+        if node.target is torch.ops.aten.nll_loss_forward.default and node.args[2] is not None:
+            return f"{node.name}: a class-weighted loss (only an unweighted one is chunked)"
+    return None
+
+
+_LINEAR = {torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor, torch.ops.aten.neg.default,
+           torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList,
+           torch.ops.aten.mean.default, torch.ops.aten.mean.dim, torch.ops.aten.view.default,
+           torch.ops.aten.reshape.default, torch.ops.aten.squeeze.dim,
+           torch.ops.aten.unsqueeze.default, torch.ops.aten.clone.default,
+           torch.ops.aten.alias.default, torch.ops.aten.expand.default}
+"""Ops whose output is linear in each tensor input."""
+_SCALING = {torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor}
+"""Ops linear in an input only if the other does not depend on the reductions (and, for div,
+is not the one depending on them)."""
+
+
+def _affine_in(reductions: list[fx.Node], tail: set[fx.Node]) -> bool:
+    """Whether every tail value is affine in the reductions, read off the tail's ops."""
+    dependent = set(reductions)
+    order = [n for n in next(iter(reductions)).graph.nodes if n in tail] if reductions else []
+    for node in order:
+        inputs = [a for a in node.all_input_nodes if a in dependent]
+        dependent.add(node)
+        if node.target is operator.getitem:
+            continue
+        if node.target in _LINEAR:
+            continue
+        if node.target in _SCALING:
+            if len(inputs) == 1 and (node.target is torch.ops.aten.mul.Tensor
+                                     or node.args[0] is inputs[0]):
+                continue
+        return False
+    return True
+
+
+def _descendants(roots: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [u for r in roots for u in r.users]
+    while stack:
+        node = stack.pop()
+        if node in seen or node not in inside:
+            continue
+        seen.add(node)
+        stack.extend(node.users)
+    return seen
+
+
+def _shape_of(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def _find_layers(nodes: list[fx.Node], cuts: list[fx.Node], attentions: list[fx.Node],
+                 end: int, plan: StreamPlan) -> list[tuple[int, int]]:
+    """(input index, output index) of each layer: one attention between two same-shaped cuts."""
+    index = {n: i for i, n in enumerate(nodes)}
+    spans: list[tuple[int, int]] = []
+    previous = -1
+    for k, attention in enumerate(attentions):
+        a = index[attention]
+        before = [index[c] for c in cuts if previous <= index[c] < a]
+        if not before:
+            plan.notes.append(f"{attention.name}: no single activation flows into it from the "
+                              "previous layer; not chunked")
+            continue
+        start = previous if previous in before else before[-1]
+        stop = index[attentions[k + 1]] if k + 1 < len(attentions) else end
+        shape = _shape_of(nodes[start])
+        after = [index[c] for c in cuts if a < index[c] < stop and _shape_of(c) == shape]
+        if not after:
+            plan.notes.append(f"{attention.name}: no value of its input's shape {shape} carries "
+                              "the whole layer to the next one; not chunked")
+            continue
+        spans.append((start, after[-1]))
+        previous = after[-1]
+    return spans
+
+
+def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> StreamPlan | None:
+    """Decide the layers and the head of a forward aten graph; None if nothing can be chunked.
+
+    Writes a "chunked" decision per layer and for the head, and a note for each part left
+    whole, into `gm.meta`.
+    """
+    gm.graph.eliminate_dead_code()
+    info = analyze_sequence(gm.graph)
+    if info is None:
+        record_note(gm, STREAM_PASS, "no integer (batch, length) input: no sequence to chunk")
+        return None
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    grad_inputs = {p for p, x in zip(placeholders, example_inputs)
+                   if isinstance(x, torch.Tensor) and x.requires_grad}
+    activations = _activations(gm.graph, info, grad_inputs)
+    nodes = list(gm.graph.nodes)
+    cuts = _cuts(nodes, activations, info)
+    attentions = [n for n in nodes if n in activations and n.target in ATTENTION_OPS]
+    reducing = [i for i, n in enumerate(nodes)
+                if n in activations and info.effects.get(n) == "reduces"]
+    end = reducing[0] if reducing else len(nodes) - 1
+    plan = StreamPlan(info, activations, [])
+    stream = stream_options(options)
+    chunk = _chunk(stream.chunk_size, DEFAULT_CHUNK)
+    for start, stop in _find_layers(nodes, cuts, attentions, end, plan):
+        region = _region("layer", nodes, start, stop, activations, [nodes[stop]])
+        problem = _layer_problem(region, info, activations)
+        if problem:
+            plan.notes.append(f"layer at {region.input.name}: not chunked: {problem}")
+            continue
+        region.chunk_size = chunk
+        region.keys_values = stream.keys_values
+        region.prefix = _prefix_nodes(region, activations)
+        plan.regions.append(region)
+    last = max((nodes.index(r.outputs[0]) for r in plan.layers), default=None)
+    if last is not None:
+        _plan_head(gm, nodes, last, activations, plan, _chunk(stream.logits_chunk_size,
+                                                             DEFAULT_LOGITS_CHUNK))
+    if not plan.regions:
+        record_note(gm, STREAM_PASS, "nothing to chunk: " + "; ".join(plan.notes or [
+            "no attention over the sequence was found"]))
+        return None
+    _record(gm, plan)
+    return plan
+
+
+def _plan_head(gm: fx.GraphModule, nodes: list[fx.Node], last: int, activations: set[fx.Node],
+               plan: StreamPlan, chunk: int) -> None:
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    members = {n for n in nodes[last + 1:] if n in activations}
+    outputs = list(dict.fromkeys(o for o in _flatten(output.args[0]) if o in members))
+    region = _region("head", nodes, last, len(nodes) - 2, activations, outputs)
+    region.reductions = [n for n in region.nodes
+                         if n in activations and plan.info.effects.get(n) == "reduces"]
+    region.tail = _descendants(region.reductions, set(region.nodes))
+    problem = _head_problem(region, plan.info, activations)
+    if problem:
+        plan.notes.append(f"head after {region.input.name}: not chunked: {problem}")
+        return
+    region.chunk_size = chunk
+    region.affine_tail = _affine_in(region.reductions, region.tail)
+    plan.regions.append(region)
+
+
+def _flatten(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_aggregate(value, lambda a: out.append(a) if isinstance(a, fx.Node) else None)
+    return out
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _record(gm: fx.GraphModule, plan: StreamPlan) -> None:
+    for k, region in enumerate(plan.layers):
+        record_decision(gm, Decision(
+            STREAM_PASS, "chunked", region.outputs[0].name, _bytes(region.input),
+            f"layer {k}: only its input {region.input.name} is saved; the backward re-runs it "
+            f"{region.chunk_size} queries at a time, "
+            + ("keys and values computed once over the whole length"
+               if region.keys_values == "once" else "keys and values over each chunk's prefix")))
+    head = plan.head
+    if head is not None:
+        biggest = max((n for n in head.nodes if n in plan.activations), key=_bytes)
+        record_decision(gm, Decision(
+            STREAM_PASS, "chunked", biggest.name, _bytes(biggest),
+            f"head: computed {head.chunk_size} tokens at a time, so {biggest.name} "
+            f"{tuple(biggest.meta['val'].shape)} never exists whole; reduced by "
+            + ", ".join(str(r.target).split('.')[-2] for r in head.reductions)))
+    for text in plan.notes:
+        record_note(gm, STREAM_PASS, text)
+    log.info("stream: %d layers chunked, head %s", len(plan.layers),
+             "chunked" if head else "whole")

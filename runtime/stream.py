@@ -1,0 +1,325 @@
+"""Run a forward aten graph with StreamBP: layers re-run chunk by chunk in the backward, and the
+loss head computed chunk by chunk.
+
+`StreamProgram` interprets the graph op by op with PyTorch's autograd, freeing each value after
+its last use. A region the stream plan chose (`passes.stream_plan`) runs as one autograd node:
+
+- a layer keeps only its input. Its backward re-runs it one chunk of queries at a time (keys and
+  values over the prefix, causal attention aligned to the lower right) and adds each chunk's
+  input and parameter gradients into full-length sums;
+- the head runs its token-local part chunk by chunk and adds the chunks' shares of each
+  reduction over the sequence (normalizers, such as the count of labelled tokens, come from the
+  whole batch before chunking). Its backward takes the reduced values' gradients from the tail
+  and re-runs each chunk with them, so a loss that is not additive over tokens (DPO's sigmoid of
+  a per-sequence sum) is exact too.
+
+The plan is read by duck typing (`regions`, `info`, `activations`), so the runtime does not
+import the passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+_SIZE_ARG_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                 aten.expand.default)
+MASK_BYTES = 32 * 2**20
+"""Largest additive mask one chunk's attention call may build (queries are split to fit)."""
+_RESHAPE = {aten.view.default: aten.reshape.default,
+            aten._unsafe_view.default: aten.reshape.default}
+_TARGET_OPS = (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+
+
+def narrow_seq(t: torch.Tensor, seq: SeqDim, offset: int, length: int) -> torch.Tensor:
+    """Rows `[offset, offset + length)` of the sequence held (possibly merged) in `seq.dim`."""
+    if seq.outer == 1 and seq.inner == 1:
+        return t.narrow(seq.dim, offset, length)
+    size = t.shape[seq.dim]
+    current = size // (seq.outer * seq.inner)
+    split = (*t.shape[:seq.dim], seq.outer, current, seq.inner, *t.shape[seq.dim + 1:])
+    part = t.reshape(split).narrow(seq.dim + 1, offset, length)
+    return part.reshape(*t.shape[:seq.dim], seq.outer * length * seq.inner,
+                        *t.shape[seq.dim + 1:])
+
+
+def lower_right_causal(queries: int, keys: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask letting the last `queries` positions of `keys` see their own prefix."""
+    hidden = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(keys - queries + 1)
+    return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(hidden,
+                                                                             float("-inf"))
+
+
+class ChunkRunner:
+    """Evaluates a region's nodes on the sequence range `[start, end)`.
+
+    Activations are computed on their range only: `[start, end)`, or `[0, end)` for the values
+    keys and values are made from. Values built from the inputs alone are computed whole, once
+    per call, and narrowed where they meet the sequence.
+    """
+
+    def __init__(self, region: Any, plan: Any):
+        self.region = region
+        self.info = plan.info
+        self.activations = plan.activations
+        self.length = plan.info.length
+        self.input_from_zero = any(region.input in n.all_input_nodes for n in region.prefix)
+        self.tail = getattr(region, "tail", set())
+        self.once, self.boundary = _computed_once(region, plan.info)
+        self.dies_after = _last_readers(region)
+        self.causal_mask_checked: dict[int, bool] = {}
+
+    def start_of(self, node: fx.Node, start: int) -> int:
+        """Where the range of `node` begins for a chunk beginning at `start`."""
+        if node is self.region.input:
+            return 0 if self.input_from_zero else start
+        return 0 if node in self.region.prefix else start
+
+    def run(self, x: torch.Tensor | None, start: int, end: int, whole: dict[fx.Node, Any], *,
+            reduce_hook: Callable[[fx.Node, tuple, dict], Any] | None = None,
+            preset: dict[fx.Node, tuple[Any, int]] | None = None,
+            only: set[fx.Node] | None = None, keep: Sequence[fx.Node] = (),
+            x_start: int | None = None) -> dict[fx.Node, Any]:
+        """Evaluate the region's nodes for queries `[start, end)`; return those in `keep`.
+
+        `x` is the region's input over `[x_start, end)` (by default `[self.start_of(input,
+        start), end)`). `whole` holds the
+        side inputs and caches input-only values across chunks. `preset` gives values already
+        computed, each with where its range starts; `only` limits the nodes evaluated.
+        `reduce_hook(node, args, kwargs)` evaluates a reduction over the sequence (the head's);
+        the tail after the reductions (`region.tail`) is left to the caller. Each value is
+        dropped after its last reader, so a whole-length run without autograd holds no more
+        than eager would.
+        """
+        env: dict[fx.Node, Any] = {}
+        starts: dict[fx.Node, int] = {}
+        if x is not None:
+            env[self.region.input] = x
+            starts[self.region.input] = (self.start_of(self.region.input, start)
+                                         if x_start is None else x_start)
+        for node, (value, first) in (preset or {}).items():
+            env[node], starts[node] = value, first
+        keep_set = set(keep)
+        for i, node in enumerate(self.region.nodes):
+            if node in self.tail:
+                continue
+            if node not in self.activations:  # input-only: whole, whatever `only` says
+                if node not in whole:
+                    whole[node] = node.target(*_load(node.args, env, whole),
+                                              **_load(node.kwargs, env, whole))
+                continue
+            if only is not None and node not in only:
+                continue
+            first = self.start_of(node, start)
+            if node.target is operator.getitem and node.args[0] in env:
+                env[node] = self._item(node, env[node.args[0]], starts[node.args[0]], first, end)
+            else:
+                args, kwargs = self._inputs(node, env, starts, whole, first, end)
+                if reduce_hook is not None and node in self.region.reductions:
+                    env[node] = reduce_hook(node, args, kwargs)
+                elif node.target in ATTENTION_OPS:
+                    env[node] = self._attention(node, args, kwargs, first, end)
+                else:
+                    target = node.target
+                    if target in _SIZE_ARG_OPS:
+                        args = (args[0], self._resized(node, args[1], first, end), *args[2:])
+                        # A narrowed input may not be viewable; reshape copies only then.
+                        target = _RESHAPE.get(target, target)
+                    env[node] = target(*args, **kwargs)
+            starts[node] = first
+            for dead in self.dies_after.get(i, ()):
+                if dead not in keep_set:
+                    env.pop(dead, None)
+        return {n: env[n] for n in keep if n in env}
+
+    def _item(self, node: fx.Node, values: Any, have: int, first: int, end: int) -> Any:
+        """One output of a multi-output op, narrowed to the range its readers need."""
+        value = values[node.args[1]]
+        seq = self.info.dim_of(node)
+        if isinstance(seq, SeqDim) and isinstance(value, torch.Tensor) and have != first:
+            value = narrow_seq(value, seq, first - have, end - first)
+        return value
+
+    def _inputs(self, node: fx.Node, env: dict, starts: dict, whole: dict, first: int,
+                end: int) -> tuple[tuple, dict]:
+        attention = node.target in ATTENTION_OPS
+
+        def load(arg: Any, position: int | str) -> Any:
+            if not isinstance(arg, fx.Node):
+                return arg
+            need = 0 if attention and position in (1, 2) else first
+            if arg in env:
+                value, seq = env[arg], self.info.dim_of(arg)
+                if (isinstance(seq, SeqDim) and isinstance(value, torch.Tensor)
+                        and starts[arg] != need):
+                    value = narrow_seq(value, seq, need - starts[arg], end - need)
+                return value
+            value = whole[arg] if arg in whole else _missing(arg)
+            if attention and position == "attn_mask":
+                return _narrow_mask(value, first, end, self.length)
+            return self._narrow_whole(node, arg, value, need, end)
+
+        args = tuple(_map_positions(node.args, load))
+        kwargs = {k: fx.node.map_aggregate(v, lambda a, k=k: load(a, k))
+                  for k, v in node.kwargs.items()}
+        return args, kwargs
+
+    def _narrow_whole(self, node: fx.Node, arg: fx.Node, value: Any, first: int, end: int) -> Any:
+        """An input-only value narrowed where it meets the sequence of `node`'s output."""
+        if not isinstance(value, torch.Tensor):
+            return value
+        seq = self.info.dim_of(arg)
+        if isinstance(seq, SeqDim):
+            return narrow_seq(value, seq, first, end - first)
+        if node.target in _TARGET_OPS and arg is node.args[1]:
+            # Class targets line up with the input's rows (a shifted copy of the labels
+            # carries no sequence dimension of its own: the shift hides it from the analysis).
+            rows = self.info.dim_of(node.args[0])
+            if isinstance(rows, SeqDim) and rows.dim == 0 and value.dim() >= 1:
+                return narrow_seq(value, rows, first, end - first)
+        if not _broadcasts(node):
+            return value  # a weight of a matmul, say: never cut along the sequence by its size
+        out_seq = self.info.dim_of(node)
+        out_seq = out_seq[0] if isinstance(out_seq, tuple) else out_seq
+        out_val = node.meta.get("val")
+        out_val = out_val[0] if isinstance(out_val, (tuple, list)) else out_val
+        if not isinstance(out_seq, SeqDim) or not isinstance(out_val, torch.Tensor):
+            return value
+        dim = out_seq.dim - (out_val.dim() - value.dim())
+        if 0 <= dim < value.dim() and value.shape[dim] == out_val.shape[out_seq.dim] > 1:
+            return narrow_seq(value, out_seq.moved(dim), first, end - first)
+        return value
+
+    def _resized(self, node: fx.Node, sizes: Sequence[int], first: int, end: int) -> list[int]:
+        seq = self.info.dim_of(node)
+        sizes = list(sizes)
+        if isinstance(seq, SeqDim) and sizes[seq.dim] != -1:
+            sizes[seq.dim] = seq.outer * (end - first) * seq.inner
+        return sizes
+
+    def _attention(self, node: fx.Node, args: tuple, kwargs: dict, first: int, end: int) -> Any:
+        """Attention for queries `[first, end)` over keys `[0, end)`, causal at the lower right.
+
+        The CPU kernel takes only an additive mask of the query's dtype for that alignment
+        (`is_causal` aligns at the top left when there are fewer queries than keys), so the
+        queries go in blocks whose mask stays under `MASK_BYTES`; each block needs keys only up
+        to its own last query.
+        """
+        args = list(args)
+        queries = end - first
+        is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
+        if not is_causal or queries == end:
+            return node.target(*args, **kwargs)
+        q, k, v = args[:3]
+        args[4] = False
+        block = max(1, min(queries, MASK_BYTES // (end * q.element_size())))
+        outs, lses = [], []
+        for b0 in range(0, queries, block):
+            b1 = min(b0 + block, queries)
+            keys = first + b1
+            mask = lower_right_causal(b1 - b0, keys, q.device, q.dtype)
+            out, lse = node.target(q.narrow(2, b0, b1 - b0), k.narrow(2, 0, keys),
+                                   v.narrow(2, 0, keys), *args[3:], **{**kwargs,
+                                                                     "attn_mask": mask})
+            outs.append(out)
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool]]:
+    """What a layer computes once over the whole length when keys and values are computed
+    once per backward: the values keys and values are made from, and the items of any
+    multi-output op among them. Also the boundary, the once-computed values read by the
+    rest, each with whether a chunk reads it from the sequence's start (keys and values do).
+
+    Empty when some boundary value has no sequence dimension to narrow.
+    """
+    once = set(region.prefix)
+    for node in region.prefix:
+        if isinstance(node.meta.get("val"), (tuple, list)):
+            once.update(u for u in node.users if u.target is operator.getitem)
+    boundary: dict[fx.Node, bool] = {}
+    for node in once:
+        readers = [u for u in node.users if u in set(region.nodes) and u not in once]
+        if not readers:
+            continue
+        if not isinstance(info.dim_of(node), SeqDim):
+            return set(), {}
+        boundary[node] = any(u.target in ATTENTION_OPS and node in u.args[1:3] for u in readers)
+    return once, boundary
+
+
+def _broadcasts(node: fx.Node) -> bool:
+    """Whether the op lines its inputs up with its output by broadcasting (elementwise ops, and
+    gather's index)."""
+    target = node.target
+    return target is aten.gather.default or (
+        isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _last_readers(region: Any) -> dict[int, list[fx.Node]]:
+    """Position in `region.nodes` after which each value (the input included) is not read."""
+    index = {n: i for i, n in enumerate(region.nodes)}
+    dies: dict[int, list[fx.Node]] = {}
+    for node in [region.input, *region.nodes]:
+        readers = [index[u] for u in node.users if u in index]
+        if readers:
+            dies.setdefault(max(readers), []).append(node)
+    return dies
+
+
+def _narrow_mask(mask: Any, first: int, end: int, length: int) -> Any:
+    """A `(..., T, T)` attention mask's rows `[first, end)` and columns `[0, end)`."""
+    if not isinstance(mask, torch.Tensor):
+        return mask
+    if mask.shape[-2] == length:
+        mask = mask.narrow(-2, first, end - first)
+    if mask.shape[-1] == length:
+        mask = mask.narrow(-1, 0, end)
+    return mask
+
+
+def mask_is_causal(mask: torch.Tensor, rows_per_block: int = 1024) -> bool:
+    """Whether no query may see a later key (so keys past a chunk can be dropped), checked in
+    blocks of rows to keep the check's memory small."""
+    length = mask.shape[-1]
+    for r0 in range(0, mask.shape[-2], rows_per_block):
+        block = mask[..., r0:r0 + rows_per_block, :]
+        allowed = block if block.dtype == torch.bool else block > float("-inf")
+        later = torch.ones(block.shape[-2], length, dtype=torch.bool,
+                           device=mask.device).triu(r0 + 1)
+        if (allowed & later).any():
+            return False
+    return True
+
+
+def _map_positions(args: tuple, load: Callable[[Any, int], Any]) -> list[Any]:
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, (list, tuple)):
+            out.append(type(a)(load(x, i) for x in a))
+        else:
+            out.append(load(a, i))
+    return out
+
+
+def _load(value: Any, env: dict, whole: dict) -> Any:
+    return fx.node.map_aggregate(
+        value, lambda a: (env[a] if a in env else whole[a]) if isinstance(a, fx.Node) else a)
+
+
+def _missing(node: fx.Node) -> Any:
+    raise RuntimeError(f"stream runtime: value {node.name} was freed or never computed")

@@ -1,0 +1,349 @@
+"""StreamBP (`options={"stream": ...}`): the sequence analysis, the plan, and exact gradients.
+
+Structure on small traced functions; exactness in float64 against eager on the built-in model
+(its norms compute in the input dtype) and GPT-2, and under the float32 rule on Hugging Face
+models whose RMSNorm computes in float32 whatever the model's dtype (chunked sums then round
+at float32's level even in a float64 model); memory by the allocator on a head whose logits
+dominate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    FLOAT64_TOL,
+    clone_inputs,
+    clone_model,
+    float32_tolerance,
+    worst_error,
+)
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import memcompile
+from memcompile.analysis.sequence import SeqDim, analyze_sequence, view_seq_dim
+from memcompile.losses import dpo_loss, grpo_loss, shift_labels
+from memcompile.models import LlamaConfig, LlamaForCausalLM, build_hf_model
+from memcompile.report import recording
+from memcompile.runtime.stream import lower_right_causal, mask_is_causal
+
+aten = torch.ops.aten
+
+
+# ---- analysis ---------------------------------------------------------------------------------
+
+def test_view_keeps_the_sequence_where_its_elements_go():
+    # (B, T, D) -> (B*T, D): merged with the batch in dim 0.
+    assert view_seq_dim((2, 16, 64), SeqDim(1), (32, 64), 16) == SeqDim(0, outer=2, inner=1)
+    # (B, T, H*D) -> (B, T, H, D): still dim 1.
+    assert view_seq_dim((2, 16, 64), SeqDim(1), (2, 16, 4, 16), 16) == SeqDim(1)
+    # (T, H) -> (T*H,): merged with what follows it.
+    assert view_seq_dim((16, 4), SeqDim(0), (64,), 16) == SeqDim(0, outer=1, inner=4)
+    # Split across two dimensions: no single dimension holds it.
+    assert view_seq_dim((1, 16, 4), SeqDim(1), (1, 4, 4, 4), 16) is None
+
+
+def test_hidden_size_equal_to_the_length_does_not_confuse_the_analysis():
+    """ids (1, 8) -> embedding (1, 8, 8) -> matmul (8, 8) weight: hidden size = length = 8.
+    The sequence is followed through the ops, never matched by size."""
+    def f(ids, emb, w):
+        h = F.embedding(ids, emb)
+        return (h @ w).transpose(1, 2).sum()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(1, 8, dtype=torch.long),
+                                         torch.randn(10, 8), torch.randn(8, 8))
+    info = analyze_sequence(gm.graph)
+    by_target = {n.target: n for n in gm.graph.nodes}
+    assert info.length == 8
+    assert info.dim_of(by_target[aten.embedding.default]) == SeqDim(1)
+    assert info.dim_of(by_target[aten.transpose.int]) == SeqDim(2)
+    assert info.effects[by_target[aten.sum.default]] == "reduces"
+
+
+def test_ops_that_mix_tokens_are_named():
+    def f(ids, emb):
+        return F.embedding(ids, emb).cumsum(1)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(1, 8, dtype=torch.long), torch.randn(10, 4))
+    info = analyze_sequence(gm.graph)
+    cumsum = next(n for n in gm.graph.nodes if n.target is aten.cumsum.default)
+    assert info.effects[cumsum] == "mixes"
+
+
+def test_lower_right_mask_gives_the_rows_of_full_causal_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    first, end = 3, 7
+    mask = lower_right_causal(end - first, end, q.device, q.dtype)
+    rows = F.scaled_dot_product_attention(q[:, :, first:end], k[:, :, :end], v[:, :, :end],
+                                          attn_mask=mask)
+    torch.testing.assert_close(rows, full[:, :, first:end], rtol=0, atol=1e-14)
+    # SDPA's own is_causal aligns top-left with fewer queries than keys: not these rows.
+    top_left = F.scaled_dot_product_attention(q[:, :, first:end], k[:, :, :end], v[:, :, :end],
+                                              is_causal=True)
+    assert not torch.allclose(top_left, full[:, :, first:end])
+
+
+def test_mask_is_causal_checks_every_row_block():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert mask_is_causal(causal, rows_per_block=4)
+    leaky = causal.clone()
+    leaky[5, 5] = True
+    leaky[4, 5] = True  # a query sees a later key, in the second block
+    assert not mask_is_causal(leaky, rows_per_block=4)
+    additive = torch.zeros(6, 6).masked_fill(~causal, float("-inf"))
+    assert mask_is_causal(additive)
+
+
+# ---- the built-in model, float64 --------------------------------------------------------------
+
+TINY = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=2,
+                   num_heads=4, num_kv_heads=2)
+
+
+def _tiny(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(TINY).double()
+
+
+def _labels(ids: torch.Tensor) -> torch.Tensor:
+    """The ids as labels with a masked prompt, so chunks start on ignored labels."""
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[0, 9:12] = -100
+    return labels
+
+
+def _stream_step(model, batch, options, loss_of=lambda m, b: m(**b).loss):
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: loss_of(model, b), backend="memcompile", options=options)
+    with recording() as records:
+        loss = step(batch)
+    loss.backward()
+    return loss.detach(), records
+
+
+def _eager_step(model, batch, loss_of=lambda m, b: m(**b).loss):
+    loss = loss_of(model, batch)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("batch_size,length,chunk,logits_chunk,keys_values", [
+    (1, 16, 5, 3, "once"),
+    (2, 17, 4, 6, "once"),
+    (3, 13, 13, 13, "once"),       # one chunk each
+    (2, 17, 4, 6, "per_chunk"),
+    (1, 9, 1, 1, "per_chunk"),     # one token per chunk
+    (2, 16, 8, 8, "once"),         # batch x length = hidden size: weights are not cut
+    (1, 32, 8, 8, "per_chunk"),    # length = hidden size
+])
+def test_stream_is_exact_in_float64(batch_size, length, chunk, logits_chunk, keys_values):
+    model = _tiny()
+    ref = clone_model(model)
+    ids = torch.randint(0, TINY.vocab_size, (batch_size, length),
+                        generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": _labels(ids)}
+    options = {"runtime": "eager", "stream": {"chunk_size": chunk, "logits_chunk_size":
+                                              logits_chunk, "keys_values": keys_values}}
+    loss, records = _stream_step(model, clone_inputs(batch), options)
+    ref_loss = _eager_step(ref, clone_inputs(batch))
+    err, where = worst_error(loss, ref_loss, model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    (record,) = records
+    assert record.kind == "stream"
+    chunked = [d for d in record.decisions if d.kind == "chunked"]
+    assert len(chunked) == TINY.num_layers + 1  # every layer and the head
+    assert "head: computed" in chunked[-1].reason
+
+
+def _policy_batch(batch_size=4, length=19):
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, TINY.vocab_size, (batch_size, length), generator=gen)
+    labels = shift_labels(ids, prompt_lengths=torch.tensor([3, 5, 0, 7][:batch_size]))
+    return ids, labels, gen
+
+
+def _head_region(records):
+    (record,) = records
+    return record
+
+
+def test_dpo_is_exact_in_float64_and_takes_two_passes():
+    ids, labels, gen = _policy_batch()
+    ref_c, ref_r = torch.randn(2, 2, dtype=torch.float64, generator=gen)
+
+    def loss_of(model, batch):
+        return dpo_loss(model(batch["input_ids"]).logits, batch["labels"], ref_c, ref_r,
+                        beta=0.5)
+
+    model = _tiny()
+    ref = clone_model(model)
+    batch = {"input_ids": ids, "labels": labels}
+    options = {"runtime": "eager", "stream": {"chunk_size": 4, "logits_chunk_size": 5}}
+    loss, records = _stream_step(model, batch, options, loss_of)
+    err, where = worst_error(loss, _eager_step(ref, batch, loss_of), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    assert any("head: computed" in d.reason for d in _head_region(records).decisions)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_is_exact_in_float64(beta):
+    ids, labels, gen = _policy_batch()
+    advantages = torch.randn(4, dtype=torch.float64, generator=gen)
+    old = -3 * torch.rand(4, 19, dtype=torch.float64, generator=gen)
+    ref_logps = -3 * torch.rand(4, 19, dtype=torch.float64, generator=gen)
+
+    def loss_of(model, batch):
+        return grpo_loss(model(batch["input_ids"]).logits, batch["labels"], advantages, old,
+                         ref_logps, beta=beta)
+
+    model = _tiny()
+    ref = clone_model(model)
+    batch = {"input_ids": ids, "labels": labels}
+    options = {"runtime": "eager", "stream": {"chunk_size": 6, "logits_chunk_size": 4}}
+    loss, records = _stream_step(model, batch, options, loss_of)
+    err, where = worst_error(loss, _eager_step(ref, batch, loss_of), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    assert any("head: computed" in d.reason for d in _head_region(records).decisions)
+
+
+def test_affine_losses_take_one_pass_and_dpo_two():
+    """Cross-entropy and GRPO are affine in their sums over the sequence (one pass, gradients
+    computed in the forward); DPO's sigmoid of per-sequence sums is not (two passes)."""
+    ids, labels, _ = _policy_batch()
+    adv, old = torch.randn(4, dtype=torch.float64), torch.zeros(4, 19, dtype=torch.float64)
+    ref_c = torch.zeros(2, dtype=torch.float64)
+    losses = {
+        "sft": lambda m, b: m(**b).loss,
+        "grpo": lambda m, b: grpo_loss(m(b["input_ids"]).logits, b["labels"], adv, old, old),
+        "dpo": lambda m, b: dpo_loss(m(b["input_ids"]).logits, b["labels"], ref_c, ref_c),
+    }
+    affine = {}
+    for name, loss_of in losses.items():
+        _, records = _stream_step(_tiny(), {"input_ids": ids, "labels": labels},
+                                  {"runtime": "eager", "stream": True}, loss_of)
+        affine[name] = records[0].stream_plan.head.affine_tail
+    assert affine == {"sft": True, "grpo": True, "dpo": False}
+
+
+# ---- Hugging Face models ----------------------------------------------------------------------
+
+HF_VOCAB = 256
+
+
+def _hf_batch(padding: str | None, batch_size=2, length=14):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, HF_VOCAB, (batch_size, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[0, -4:] = 0
+    elif padding == "left":
+        mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "labels": labels}
+    if padding:
+        batch["attention_mask"] = mask
+    return batch
+
+
+def test_gpt2_layers_stream_exactly_in_float64():
+    """GPT-2's LayerNorm computes in the model's dtype, so float64 is exact. Its loss runs in a
+    second graph (transformers breaks the graph before it), so that graph has no layers."""
+    model = build_hf_model("gpt2", dtype=torch.float64, seed=0)
+    ref = clone_model(model)
+    batch = _hf_batch(None)
+    options = {"runtime": "eager", "stream": {"chunk_size": 5, "logits_chunk_size": 4}}
+    loss, records = _stream_step(model, clone_inputs(batch), options)
+    err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    layers = [d for r in records for d in r.decisions if d.reason.startswith("layer")]
+    assert len(layers) == model.config.n_layer
+
+
+@pytest.mark.parametrize("arch,padding", [
+    ("llama", None), ("llama", "left"), ("llama", "right"), ("qwen2", "right"),
+    ("qwen3", None), ("mistral", "left"), ("gemma", None),
+])
+def test_hf_models_stream_within_the_float32_rule(arch, padding):
+    eager32 = build_hf_model(arch, dtype=torch.float32, seed=0)
+    ref64 = clone_model(eager32, dtype=torch.float64)
+    model = clone_model(eager32)
+    batch = _hf_batch(padding)
+    options = {"runtime": "eager", "stream": {"chunk_size": 5, "logits_chunk_size": 4}}
+    loss, records = _stream_step(model, clone_inputs(batch), options)
+    loss64 = _eager_step(ref64, clone_inputs(batch))
+    loss32 = _eager_step(eager32, clone_inputs(batch))
+    err, where = worst_error(loss, loss64, model, ref64)
+    eager_err, _ = worst_error(loss32, loss64, eager32, ref64)
+    assert err <= float32_tolerance(eager_err), (
+        f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    (record,) = records
+    assert record.kind == "stream"
+    chunked = [d.reason for d in record.decisions if d.kind == "chunked"]
+    assert sum(r.startswith("layer") for r in chunked) == eager32.config.num_hidden_layers
+    assert chunked[-1].startswith("head: computed")
+
+
+def test_a_model_returning_its_logits_keeps_the_head_whole_and_says_why():
+    model = build_hf_model("llama", dtype=torch.float64, seed=0)
+    ref = clone_model(model)
+    batch = _hf_batch(None)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memcompile",
+                             options={"runtime": "eager", "stream": {"chunk_size": 5}})
+    with recording() as records:
+        out = compiled(**clone_inputs(batch))
+    out.loss.backward()
+    err, where = worst_error(out.loss.detach(), _eager_step(ref, clone_inputs(batch)), model,
+                             ref)
+    assert err <= 1e-6, f"worst relative error {err:.3e} at {where}"
+    notes = " ".join(text for r in records for _, text in r.notes)
+    assert "is an output of the graph and holds the sequence" in notes
+    assert "compile a function that returns only the loss" in notes
+
+
+def test_a_graph_without_tokens_is_compiled_as_usual_with_a_note():
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(4, 4).double()
+    compiled = torch.compile(layer, backend="memcompile", options={"stream": True,
+                                                                   "runtime": "eager"})
+    with recording() as records:
+        compiled(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    (record,) = records
+    assert record.kind == "training"
+    assert any("no integer (batch, length) input" in text for _, text in record.notes)
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+def test_the_logits_never_exist_whole():
+    """Vocabulary 8192, 256 tokens, float64: the logits are 16 MiB, and eager holds them (and
+    their log-softmax) at once. Streamed, the head's chunks of 32 tokens hold 2 MiB each."""
+    config = LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 8192, (1, 256))
+    batch = {"input_ids": ids, "labels": ids}
+    logits_bytes = 256 * 8192 * 8
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: model(**b).loss, backend="memcompile",
+                         options={"runtime": "eager",
+                                  "stream": {"chunk_size": 64, "logits_chunk_size": 32}})
+
+    def streamed():
+        step(batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    def eager():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    grads = sum(p.numel() * 8 for p in model.parameters())
+    stream_peak = memcompile.measure(streamed, repeat=1, method="allocator").peak_bytes
+    eager_peak = memcompile.measure(eager, repeat=1, method="allocator").peak_bytes
+    assert eager_peak >= grads + 2 * logits_bytes
+    assert stream_peak < grads + logits_bytes // 2, (stream_peak - grads) / 2**20
