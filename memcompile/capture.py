@@ -103,12 +103,13 @@ def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     """Compile one Dynamo graph with StreamBP (`options["stream"]`), or, where the graph has
     nothing to chunk, as `compile_graph` does, with a note saying why."""
     from memcompile.runtime.stream_program import StreamProgram
+    from memcompile.passes.causal_mask import replace_causal_masks
     from memcompile.passes.stream_plan import STREAM_PASS, plan_stream
 
     if any(not isinstance(x, torch.Tensor) or _has_symbolic_shape(x) for x in example_inputs):
         reason = "stream needs static shapes (a graph with symbolic sizes was captured)"
         return _without_stream(gm, example_inputs, options, reason)
-    forward = trace_static(gm, example_inputs)
+    forward = replace_causal_masks(trace_static(gm, example_inputs))
     plan = plan_stream(forward, list(example_inputs), options)
     if plan is None:
         reason = "; ".join(text for name, text in forward.meta.get(NOTES, [])

@@ -42,8 +42,9 @@ _ADDITIVE = (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.sum.dim_Int
 _NLL = torch.ops.aten.nll_loss_forward.default
 DEFAULT_CHUNK = 1024
 """Tokens per layer chunk when `chunk_size` is "auto"."""
-DEFAULT_LOGITS_CHUNK = 512
-"""Tokens per head chunk when `logits_chunk_size` is "auto"."""
+HEAD_CHUNK_BYTES = 8 * 2**20
+"""With `logits_chunk_size` "auto", head chunks hold about this many bytes of their largest
+value (the logits): 64 tokens of a 32000-word vocabulary in float32, 512 of 4096."""
 
 
 @dataclass
@@ -331,8 +332,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
         plan.regions.append(region)
     last = max((nodes.index(r.outputs[0]) for r in plan.layers), default=None)
     if last is not None:
-        _plan_head(gm, nodes, last, activations, plan, _chunk(stream.logits_chunk_size,
-                                                             DEFAULT_LOGITS_CHUNK))
+        _plan_head(gm, nodes, last, activations, plan, stream.logits_chunk_size)
     if not plan.regions:
         record_note(gm, STREAM_PASS, "nothing to chunk: " + "; ".join(plan.notes or [
             "no attention over the sequence was found"]))
@@ -342,7 +342,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
 
 
 def _plan_head(gm: fx.GraphModule, nodes: list[fx.Node], last: int, activations: set[fx.Node],
-               plan: StreamPlan, chunk: int) -> None:
+               plan: StreamPlan, chunk: int | str) -> None:
     output = next(iter(gm.graph.find_nodes(op="output")))
     members = {n for n in nodes[last + 1:] if n in activations}
     outputs = list(dict.fromkeys(o for o in _flatten(output.args[0]) if o in members))
@@ -354,9 +354,16 @@ def _plan_head(gm: fx.GraphModule, nodes: list[fx.Node], last: int, activations:
     if problem:
         plan.notes.append(f"head after {region.input.name}: not chunked: {problem}")
         return
-    region.chunk_size = chunk
+    region.chunk_size = chunk if isinstance(chunk, int) else _head_chunk(region, plan)
     region.affine_tail = _affine_in(region.reductions, region.tail)
     plan.regions.append(region)
+
+
+def _head_chunk(region: Region, plan: StreamPlan) -> int:
+    """Tokens per head chunk so that its largest value holds about `HEAD_CHUNK_BYTES`."""
+    per_token = max(_bytes(n) for n in region.nodes if n in plan.activations) / plan.info.length
+    tokens = int(HEAD_CHUNK_BYTES // max(per_token, 1))
+    return max(16, min(DEFAULT_CHUNK, 1 << max(tokens, 1).bit_length() - 1))
 
 
 def _flatten(value: Any) -> list[fx.Node]:

@@ -80,8 +80,11 @@ class ChunkRunner:
         self.dies_after = _last_readers(region)
         self.causal_mask_checked: dict[int, bool] = {}
 
-    def start_of(self, node: fx.Node, start: int) -> int:
-        """Where the range of `node` begins for a chunk beginning at `start`."""
+    def start_of(self, node: fx.Node, start: int, prefix_from_zero: bool = True) -> int:
+        """Where the range of `node` begins for a chunk beginning at `start` (with
+        `prefix_from_zero` False, every node's range is the chunk's own)."""
+        if not prefix_from_zero:
+            return start
         if node is self.region.input:
             return 0 if self.input_from_zero else start
         return 0 if node in self.region.prefix else start
@@ -90,13 +93,16 @@ class ChunkRunner:
             reduce_hook: Callable[[fx.Node, tuple, dict], Any] | None = None,
             preset: dict[fx.Node, tuple[Any, int]] | None = None,
             only: set[fx.Node] | None = None, keep: Sequence[fx.Node] = (),
-            x_start: int | None = None) -> dict[fx.Node, Any]:
+            x_start: int | None = None, prefix_from_zero: bool = True
+            ) -> dict[fx.Node, Any]:
         """Evaluate the region's nodes for queries `[start, end)`; return those in `keep`.
 
         `x` is the region's input over `[x_start, end)` (by default `[self.start_of(input,
         start), end)`). `whole` holds the
         side inputs and caches input-only values across chunks. `preset` gives values already
         computed, each with where its range starts; `only` limits the nodes evaluated.
+        `prefix_from_zero=False` computes the nodes keys and values are made from on the chunk
+        only (for the token-local part of a layer, `only=self.once`).
         `reduce_hook(node, args, kwargs)` evaluates a reduction over the sequence (the head's);
         the tail after the reductions (`region.tail`) is left to the caller. Each value is
         dropped after its last reader, so a whole-length run without autograd holds no more
@@ -106,8 +112,9 @@ class ChunkRunner:
         starts: dict[fx.Node, int] = {}
         if x is not None:
             env[self.region.input] = x
-            starts[self.region.input] = (self.start_of(self.region.input, start)
-                                         if x_start is None else x_start)
+            starts[self.region.input] = (
+                self.start_of(self.region.input, start, prefix_from_zero)
+                if x_start is None else x_start)
         for node, (value, first) in (preset or {}).items():
             env[node], starts[node] = value, first
         keep_set = set(keep)
@@ -121,7 +128,7 @@ class ChunkRunner:
                 continue
             if only is not None and node not in only:
                 continue
-            first = self.start_of(node, start)
+            first = self.start_of(node, start, prefix_from_zero)
             if node.target is operator.getitem and node.args[0] in env:
                 env[node] = self._item(node, env[node.args[0]], starts[node.args[0]], first, end)
             else:

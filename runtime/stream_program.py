@@ -4,6 +4,7 @@ autograd nodes (`StreamLayer`, `StreamHead`), each value freed after its last us
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -39,9 +40,14 @@ class StreamLayer(torch.autograd.Function):
         region = runner.region
         whole = dict(zip(region.side_inputs, side))
         with torch.no_grad():
-            out = runner.run(x, 0, runner.length, whole, keep=region.outputs)[region.outputs[0]]
+            _fill_whole(runner, whole)
+            ctx.chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
+            if _keys_values_once(runner, ctx.chunk):
+                out = _forward_in_chunks(runner, x, whole, ctx.chunk)
+            else:
+                out = runner.run(x, 0, runner.length, whole,
+                                 keep=region.outputs)[region.outputs[0]]
         ctx.runner = runner
-        ctx.chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
         tensors = [t if isinstance(t, torch.Tensor) else None for t in side]
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
         ctx.save_for_backward(x, *tensors)
@@ -52,25 +58,40 @@ class StreamLayer(torch.autograd.Function):
         runner: ChunkRunner = ctx.runner
         x, *tensors = ctx.saved_tensors
         side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
-        grads = _LayerGrads(runner, x, side)
-        if runner.region.keys_values == "once" and runner.boundary and ctx.chunk < runner.length:
+        if _keys_values_once(runner, ctx.chunk):
+            # Each chunk reads its rows of the output gradient before writing the same rows of
+            # the input gradient: one buffer can hold both.
+            grads = _LayerGrads(runner, x, side, reusable=grad_out)
             _backward_keys_values_once(grads, grad_out, ctx.chunk)
         else:
+            grads = _LayerGrads(runner, x, side)
             _backward_prefix_per_chunk(grads, grad_out, ctx.chunk)
-        return (None, grads.x, *grads.side)
+        return (None, grads.result(), *grads.side)
+
+
+_OWN_GRADS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+"""Input gradients this runtime returned to autograd. One handed back to us unchanged as the
+next region's output gradient is referenced by nobody else, so its buffer can become that
+region's input gradient (rows are overwritten only after they were read)."""
 
 
 class _LayerGrads:
     """A layer's backward state: leaves for its side inputs and the gradient sums."""
 
-    def __init__(self, runner: ChunkRunner, x: torch.Tensor, side: list[Any]):
+    def __init__(self, runner: ChunkRunner, x: torch.Tensor, side: list[Any],
+                 reusable: torch.Tensor | None = None):
         self.runner, self.saved_x = runner, x
         self.leaves = [_leaf(t) for t in side]
         self.wanted = [i for i, t in enumerate(self.leaves)
                        if isinstance(t, torch.Tensor) and t.requires_grad]
         self.whole = dict(zip(runner.region.side_inputs, self.leaves))
-        self.x = torch.zeros_like(x)
+        self.x = reusable if _reusable(reusable, x) else torch.zeros_like(x)
         self.side: list[torch.Tensor | None] = [None] * len(side)
+
+    def result(self) -> torch.Tensor:
+        """The input gradient, marked as this runtime's own."""
+        _OWN_GRADS[id(self.x)] = self.x
+        return self.x
 
     def targets(self) -> list[torch.Tensor]:
         """The side inputs gradients are taken for."""
@@ -87,6 +108,11 @@ class _LayerGrads:
         region = self.runner.region
         self.whole = {k: v for k, v in self.whole.items() if k in region.side_inputs or not (
             isinstance(v, torch.Tensor) and v.requires_grad)}
+
+
+def _reusable(grad: torch.Tensor | None, x: torch.Tensor) -> bool:
+    return (grad is not None and _OWN_GRADS.get(id(grad)) is grad and grad.shape == x.shape
+            and grad.dtype == x.dtype and grad.is_contiguous())
 
 
 def _backward_prefix_per_chunk(grads: _LayerGrads, grad_out: torch.Tensor, chunk: int) -> None:
@@ -110,30 +136,69 @@ def _backward_prefix_per_chunk(grads: _LayerGrads, grad_out: torch.Tensor, chunk
         grads.forget_param_values()
 
 
+def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:
+    return runner.region.keys_values == "once" and bool(runner.boundary) and chunk < runner.length
+
+
+def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any]
+                    ) -> dict[fx.Node, torch.Tensor]:
+    """Keys, values and what else the rest of the layer reads from their part, over the whole
+    length, without autograd."""
+    with torch.no_grad():
+        return runner.run(x, 0, runner.length, whole, only=runner.once,
+                          keep=list(runner.boundary), x_start=0)
+
+
+def _chunk_inputs(runner: ChunkRunner, boundary: dict[fx.Node, torch.Tensor], start: int,
+                  end: int, grad: bool) -> dict[fx.Node, tuple[torch.Tensor, int]]:
+    """The boundary values a chunk reads: keys and values from 0, the rest from `start`."""
+    preset = {}
+    for node, from_zero in runner.boundary.items():
+        first = 0 if from_zero else start
+        part = narrow_seq(boundary[node], runner.info.dim_of(node), first, end - first)
+        preset[node] = (part.detach().requires_grad_() if grad else part, first)
+    return preset
+
+
+def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any],
+                       chunk: int) -> torch.Tensor:
+    """The layer's output computed chunk by chunk (keys and values once), so no whole-length
+    intermediate of its token-local part (the MLP's) exists at once."""
+    region = runner.region
+    output = region.outputs[0]
+    val = output.meta["val"]
+    out = torch.empty(val.shape, dtype=val.dtype, device=x.device)
+    x_seq, out_seq = runner.info.dim_of(region.input), runner.info.dim_of(output)
+    boundary = _boundary_whole(runner, x, whole)
+    rest = set(region.nodes) - runner.once
+    for start, end in _chunks(runner.length, chunk):
+        part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
+                          preset=_chunk_inputs(runner, boundary, start, end, grad=False),
+                          only=rest, keep=region.outputs, x_start=start)[output]
+        narrow_seq(out, out_seq, start, end - start).copy_(part)
+    return out
+
+
 def _backward_keys_values_once(grads: _LayerGrads, grad_out: torch.Tensor, chunk: int) -> None:
-    """Keys, values (and what else they are made from) are computed once over the whole length;
-    chunks read them and add into their gradients; one backward through them ends the layer."""
+    """Keys and values (and what else their part of the layer gives the rest) are computed once
+    over the whole length, without autograd. Each chunk of queries reads them and adds into
+    their gradients' sums; then each chunk of the token-local part that made them is re-run
+    and backpropagates its rows of those sums. No whole-length autograd graph exists."""
     runner = grads.runner
     region = runner.region
     info = runner.info
     x_seq = info.dim_of(region.input)
     out_seq = info.dim_of(region.outputs[0])
     rest = set(region.nodes) - runner.once
-    with torch.enable_grad():
-        x_leaf = grads.saved_x.detach().requires_grad_()
-        full = runner.run(x_leaf, 0, runner.length, grads.whole, only=runner.once,
-                          keep=list(runner.boundary), x_start=0)
-    detached = {n: v.detach() for n, v in full.items()}
-    sums = {n: torch.zeros_like(v) for n, v in detached.items()}
+    # A copy of the side values: what this computes without autograd from the parameters
+    # (transposed weights) must not stand in for the leaves' versions in the chunks below.
+    boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole))
+    sums = {n: torch.zeros_like(v) for n, v in boundary.items()}
     for start, end in _chunks(runner.length, chunk):
         with torch.enable_grad():
             x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
             x_part.requires_grad_()
-            preset = {}
-            for node, from_zero in runner.boundary.items():
-                first = 0 if from_zero else start
-                leaf = narrow_seq(detached[node], info.dim_of(node), first, end - first)
-                preset[node] = (leaf.detach().requires_grad_(), first)
+            preset = _chunk_inputs(runner, boundary, start, end, grad=True)
             out = runner.run(x_part, start, end, grads.whole, preset=preset, only=rest,
                              keep=region.outputs, x_start=start)
             leaves = [leaf for leaf, _ in preset.values()]
@@ -141,19 +206,32 @@ def _backward_keys_values_once(grads: _LayerGrads, grad_out: torch.Tensor, chunk
                                         [x_part, *leaves, *grads.targets()],
                                         narrow_seq(grad_out, out_seq, start, end - start),
                                         allow_unused=True)
+        rows = narrow_seq(grads.x, x_seq, start, end - start)
         if found[0] is not None:
-            narrow_seq(grads.x, x_seq, start, end - start).add_(found[0])
+            rows.copy_(found[0])  # written once per row; over the output gradient if shared
+        else:
+            rows.zero_()
         for (node, (_, first)), part in zip(preset.items(), found[1:1 + len(preset)]):
             if part is not None:
                 narrow_seq(sums[node], info.dim_of(node), first, end - first).add_(part)
         grads.add_side(found[1 + len(preset):])
         grads.forget_param_values()
-    roots = [n for n in full if full[n].requires_grad]
-    found = torch.autograd.grad([full[n] for n in roots], [x_leaf, *grads.targets()],
-                                [sums[n] for n in roots], allow_unused=True)
-    if found[0] is not None:
-        grads.x.add_(found[0])
-    grads.add_side(found[1:])
+    del boundary
+    for start, end in _chunks(runner.length, chunk):
+        with torch.enable_grad():
+            x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
+            x_part.requires_grad_()
+            made = runner.run(x_part, start, end, grads.whole, only=runner.once,
+                              keep=list(runner.boundary), prefix_from_zero=False)
+            roots = [n for n in runner.boundary if made[n].requires_grad]
+            found = torch.autograd.grad(
+                [made[n] for n in roots], [x_part, *grads.targets()],
+                [narrow_seq(sums[n], info.dim_of(n), start, end - start) for n in roots],
+                allow_unused=True)
+        if found[0] is not None:
+            narrow_seq(grads.x, x_seq, start, end - start).add_(found[0])
+        grads.add_side(found[1:])
+        grads.forget_param_values()
 
 
 def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
@@ -290,8 +368,9 @@ class StreamHead(torch.autograd.Function):
         if ctx.ready is not None:  # computed in the forward; scale by the loss's gradient
             grads, scale = ctx.ready, grad_outputs[0]
             ctx.ready = None
-            return (None, grads.x * scale, *(g * scale if g is not None else None
-                                             for g in grads.side))
+            grads.x.mul_(scale)
+            return (None, grads.result(), *(g.mul_(scale) if g is not None else None
+                                            for g in grads.side))
         runner: ChunkRunner = ctx.runner
         x, *tensors = ctx.saved_tensors
         side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
@@ -301,7 +380,7 @@ class StreamHead(torch.autograd.Function):
             reduced = {k: _float_leaves(v) for k, v in ctx.reduced.items()}
             seeds = _reduction_seeds(runner, reduced, grads.whole, list(grad_outputs))
         _head_backward_pass(grads, seeds)
-        return (None, grads.x, *grads.side)
+        return (None, grads.result(), *grads.side)
 
 
 class _HeadGrads(_LayerGrads):
