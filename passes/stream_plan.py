@@ -42,9 +42,10 @@ _ADDITIVE = (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.sum.dim_Int
 _NLL = torch.ops.aten.nll_loss_forward.default
 DEFAULT_CHUNK = 1024
 """Tokens per layer chunk when `chunk_size` is "auto"."""
-HEAD_CHUNK_BYTES = 8 * 2**20
+HEAD_CHUNK_BYTES = 32 * 2**20
 """With `logits_chunk_size` "auto", head chunks hold about this many bytes of their largest
-value (the logits): 64 tokens of a 32000-word vocabulary in float32, 512 of 4096."""
+value (the logits): 256 tokens of a 32000-word vocabulary in float32, 1024 of 4096.
+Smaller chunks reread the head's weight more often: 64 tokens made `small`'s step 1.5x slower."""
 
 
 @dataclass
