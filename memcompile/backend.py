@@ -23,11 +23,6 @@ def check_available(options: Options) -> None:
             "memcompile option 'sequence_parallel': attention across devices is not available "
             "yet; valid now: False"
         )
-    if options.stream is not False and options.stream != "auto" and _stream_dim(options) == "batch":
-        raise NotAvailableError(
-            "memcompile option 'stream': chunking along the batch (dim='batch') is not "
-            "available yet; valid now: dim='sequence'"
-        )
 
 
 def memcompile(
@@ -46,6 +41,3 @@ def memcompile(
         return compile_stream(gm, example_inputs, opts)
     return compile_graph(gm, example_inputs, opts)
 
-
-def _stream_dim(options: Options) -> str:
-    return getattr(options.stream, "dim", "sequence")

@@ -55,6 +55,10 @@ class StreamOptions:
     """Tokens per chunk of the LM head and loss; "auto" sizes it."""
     dim: Literal["sequence", "batch"] = "sequence"
     """The dimension chunked: the sequence, or the batch for a batch-coupled loss."""
+    layers_per_checkpoint: int = 1
+    """Consecutive layers that share one saved input: 1 saves every layer's input; `g` saves
+    every `g`-th and re-runs the forward of the others in the backward (fewer whole-length
+    buffers, up to one more forward of compute)."""
     keys_values: Literal["once", "per_chunk"] = "once"
     """How a layer's backward gets attention's keys and values: "once" computes them over the
     whole length and sums their gradients across chunks; "per_chunk" recomputes them over each
@@ -168,11 +172,19 @@ def _check_stream(value: Any) -> bool | str | StreamOptions:
             ),
             dim=dim,
             keys_values=_check_keys_values(value.get("keys_values", "once")),
+            layers_per_checkpoint=_check_positive("layers_per_checkpoint",
+                                                  value.get("layers_per_checkpoint", 1)),
         )
     raise OptionsError(
         "stream", f"got {value!r}; valid: 'auto', True, False, or a dict with keys "
-        "chunk_size, logits_chunk_size, dim, keys_values"
+        "chunk_size, logits_chunk_size, dim, keys_values, layers_per_checkpoint"
     )
+
+
+def _check_positive(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise OptionsError(f"stream.{key}", f"got {value!r}; valid: a positive int")
 
 
 def _check_keys_values(value: Any) -> str:

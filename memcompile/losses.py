@@ -90,3 +90,18 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
         per_token = per_token + beta * (torch.exp(delta) - delta - 1)
     per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     return per_sequence.mean()
+
+
+def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over a batch of matching pairs (BASIC trains it at
+    batches of tens of thousands): row `i` of each side matches row `i` of the other.
+
+    The embeddings are L2-normalized here; `logit_scale` is the log of the temperature's
+    inverse, as CLIP learns it.
+    """
+    image = F.normalize(image_embeddings, dim=-1)
+    text = F.normalize(text_embeddings, dim=-1)
+    logits = logit_scale.exp() * image @ text.t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

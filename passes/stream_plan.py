@@ -42,6 +42,8 @@ _ADDITIVE = (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.sum.dim_Int
 _NLL = torch.ops.aten.nll_loss_forward.default
 DEFAULT_CHUNK = 1024
 """Tokens per layer chunk when `chunk_size` is "auto"."""
+DEFAULT_BATCH_CHUNK = 32
+"""Samples per chunk when chunking the batch and `chunk_size` is "auto"."""
 HEAD_CHUNK_BYTES = 32 * 2**20
 """With `logits_chunk_size` "auto", head chunks hold about this many bytes of their largest
 value (the logits): 256 tokens of a 32000-word vocabulary in float32, 1024 of 4096.
@@ -70,7 +72,12 @@ class Region:
     reductions: list[fx.Node] = field(default_factory=list)
     """Head only: the nodes that reduce over the sequence."""
     tail: set[fx.Node] = field(default_factory=set)
-    """Head only: what is computed from the reduced values (run once, after the chunks)."""
+    """Head: what is computed from the reduced values (run once, after the chunks). Batch:
+    what is computed from the boundary values (the loss coupling the samples)."""
+    chunked: set[fx.Node] = field(default_factory=set)
+    """Batch only: the per-sample part, run chunk by chunk."""
+    boundary: list[fx.Node] = field(default_factory=list)
+    """Batch only: the per-sample values the tail reads (the embeddings)."""
     affine_tail: bool = False
     """Head only: whether the outputs are affine in the reduced values (their gradients are
     then constants, known before the chunks run)."""
@@ -84,6 +91,8 @@ class StreamPlan:
     activations: set[fx.Node]
     regions: list[Region]
     notes: list[str] = field(default_factory=list)
+    layers_per_checkpoint: int = 1
+    """Consecutive layers sharing one saved input (`StreamOptions.layers_per_checkpoint`)."""
 
     @property
     def layers(self) -> list[Region]:
@@ -297,12 +306,86 @@ def _find_layers(nodes: list[fx.Node], cuts: list[fx.Node], attentions: list[fx.
     return spans
 
 
+def plan_batch(gm: fx.GraphModule, example_inputs: list[Any], options: Options
+               ) -> StreamPlan | None:
+    """Decide the per-sample part of a graph whose loss couples the batch (contrastive).
+
+    The per-sample part is every activation that keeps the batch dimension and is computed
+    from the inputs and other per-sample values only; its values the rest reads (the
+    embeddings) are the boundary; the rest (the loss) is the tail. The per-sample part runs
+    chunk by chunk of samples, twice: without autograd for the boundary, then with it to take
+    the boundary's gradients back. None, with a note, when nothing can be chunked.
+    """
+    gm.graph.eliminate_dead_code()
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    params = {p for p, x in zip(placeholders, example_inputs)
+              if isinstance(x, torch.Tensor) and x.requires_grad}
+    info = analyze_sequence(gm.graph, dim="batch", parameters=params)
+    if info is None:
+        record_note(gm, STREAM_PASS, "no batched input of rank 2 or more: no batch to chunk")
+        return None
+    if any(isinstance(x, torch.Tensor) and x.requires_grad and p in info.dims
+           for p, x in zip(placeholders, example_inputs)):
+        record_note(gm, STREAM_PASS, "a batched input requires grad: batch chunking gives "
+                    "gradients to parameters only; not chunked")
+        return None
+    activations = _activations(gm.graph, info, params)
+    nodes = list(gm.graph.nodes)
+    chunked: set[fx.Node] = set()
+    for node in nodes:
+        if (node in activations and info.effects.get(node) == "local"
+                and isinstance(info.dim_of(node), (SeqDim, tuple))
+                and all(a in chunked or a not in activations for a in node.all_input_nodes)):
+            chunked.add(node)
+    boundary = [n for n in nodes if n in chunked
+                and any(u not in chunked for u in n.users)]
+    plan = StreamPlan(info, activations, [])
+    problem = _batch_problem(boundary, info, activations, chunked)
+    if problem:
+        record_note(gm, STREAM_PASS, f"batch: not chunked: {problem}")
+        return None
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    body = [n for n in nodes if n.op == "call_function"]
+    region = Region("batch", None, _flatten(output.args[0]), body,
+                    [n for n in placeholders if n.users])  # type: ignore[arg-type]
+    region.chunked, region.boundary = chunked, boundary
+    region.tail = {n for n in body if n in activations and n not in chunked}
+    stream = stream_options(options)
+    region.chunk_size = _chunk(stream.chunk_size, DEFAULT_BATCH_CHUNK)
+    plan.regions.append(region)
+    biggest = max(chunked, key=_bytes)
+    record_decision(gm, Decision(
+        STREAM_PASS, "chunked", biggest.name, _bytes(biggest),
+        f"batch: the per-sample part runs {region.chunk_size} samples at a time, so "
+        f"{biggest.name} {tuple(biggest.meta['val'].shape)} never exists whole; the loss reads "
+        + ", ".join(f"{b.name} {tuple(b.meta['val'].shape)}" for b in boundary)))
+    return plan
+
+
+def _batch_problem(boundary: list[fx.Node], info: SequenceInfo, activations: set[fx.Node],
+                   chunked: set[fx.Node]) -> str | None:
+    if not boundary:
+        return "no per-sample value feeds a loss that couples the batch"
+    for node in boundary:
+        if not isinstance(node.meta.get("val"), torch.Tensor) or not isinstance(
+                info.dim_of(node), SeqDim):
+            return f"{node.name} is read by the loss but is not a per-sample tensor"
+    for node in activations - chunked:
+        if info.effects.get(node) == "unknown" and any(a in chunked for a in
+                                                         node.all_input_nodes):
+            return f"{node.name}: {info.unknown_reason.get(node)}"
+    return None
+
+
 def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> StreamPlan | None:
     """Decide the layers and the head of a forward aten graph; None if nothing can be chunked.
 
     Writes a "chunked" decision per layer and for the head, and a note for each part left
-    whole, into `gm.meta`.
+    whole, into `gm.meta`. With `stream={"dim": "batch"}`, decides the batch chunking instead
+    (`plan_batch`).
     """
+    if stream_options(options).dim == "batch":
+        return plan_batch(gm, example_inputs, options)
     gm.graph.eliminate_dead_code()
     info = analyze_sequence(gm.graph)
     if info is None:
@@ -318,8 +401,8 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     reducing = [i for i, n in enumerate(nodes)
                 if n in activations and info.effects.get(n) == "reduces"]
     end = reducing[0] if reducing else len(nodes) - 1
-    plan = StreamPlan(info, activations, [])
     stream = stream_options(options)
+    plan = StreamPlan(info, activations, [], layers_per_checkpoint=stream.layers_per_checkpoint)
     chunk = _chunk(stream.chunk_size, DEFAULT_CHUNK)
     for start, stop in _find_layers(nodes, cuts, attentions, end, plan):
         region = _region("layer", nodes, start, stop, activations, [nodes[stop]])

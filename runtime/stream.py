@@ -74,9 +74,10 @@ class ChunkRunner:
         self.info = plan.info
         self.activations = plan.activations
         self.length = plan.info.length
-        self.input_from_zero = any(region.input in n.all_input_nodes for n in region.prefix)
+        self.input_from_zero = region.input is not None and any(
+            region.input in n.all_input_nodes for n in region.prefix)
         self.tail = getattr(region, "tail", set())
-        self.once, self.boundary = _computed_once(region, plan.info)
+        self.once, self.boundary, self.per_chunk = _computed_once(region, plan.info)
         self.dies_after = _last_readers(region)
         self.causal_mask_checked: dict[int, bool] = {}
 
@@ -135,7 +136,7 @@ class ChunkRunner:
                 args, kwargs = self._inputs(node, env, starts, whole, first, end)
                 if reduce_hook is not None and node in self.region.reductions:
                     env[node] = reduce_hook(node, args, kwargs)
-                elif node.target in ATTENTION_OPS:
+                elif self._over_sequence(node):
                     env[node] = self._attention(node, args, kwargs, first, end)
                 else:
                     target = node.target
@@ -150,6 +151,10 @@ class ChunkRunner:
                     env.pop(dead, None)
         return {n: env[n] for n in keep if n in env}
 
+    def _over_sequence(self, node: fx.Node) -> bool:
+        """Attention across the chunked dimension (not within each sample of a chunked batch)."""
+        return node.target in ATTENTION_OPS and self.info.effects.get(node) == "mixes"
+
     def _item(self, node: fx.Node, values: Any, have: int, first: int, end: int) -> Any:
         """One output of a multi-output op, narrowed to the range its readers need."""
         value = values[node.args[1]]
@@ -160,7 +165,7 @@ class ChunkRunner:
 
     def _inputs(self, node: fx.Node, env: dict, starts: dict, whole: dict, first: int,
                 end: int) -> tuple[tuple, dict]:
-        attention = node.target in ATTENTION_OPS
+        attention = self._over_sequence(node)
 
         def load(arg: Any, position: int | str) -> Any:
             if not isinstance(arg, fx.Node):
@@ -246,27 +251,34 @@ class ChunkRunner:
         return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool]]:
-    """What a layer computes once over the whole length when keys and values are computed
-    once per backward: the values keys and values are made from, and the items of any
-    multi-output op among them. Also the boundary, the once-computed values read by the
-    rest, each with whether a chunk reads it from the sequence's start (keys and values do).
+def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],
+                                                     set[fx.Node]]:
+    """How a layer is split when keys and values are computed once per pass.
 
-    Empty when some boundary value has no sequence dimension to narrow.
+    Returns the nodes keys and values are made from (`once`), the boundary (attention's keys
+    and values, each read from the sequence's start), and the nodes a chunk evaluates given the
+    boundary (`per_chunk`: everything the output needs except through the boundary; a shared
+    norm is recomputed on the chunk's rows rather than kept at whole length). All empty when a
+    key or value has no sequence dimension to narrow.
     """
-    once = set(region.prefix)
-    for node in region.prefix:
-        if isinstance(node.meta.get("val"), (tuple, list)):
-            once.update(u for u in node.users if u.target is operator.getitem)
+    inside = set(region.nodes)
     boundary: dict[fx.Node, bool] = {}
-    for node in once:
-        readers = [u for u in node.users if u in set(region.nodes) and u not in once]
-        if not readers:
+    for node in region.nodes:
+        if node.target in ATTENTION_OPS:
+            for arg in node.args[1:3]:
+                if isinstance(arg, fx.Node) and arg in inside:
+                    if not isinstance(info.dim_of(arg), SeqDim):
+                        return set(), {}, set()
+                    boundary[arg] = True
+    per_chunk: set[fx.Node] = set()
+    stack = list(region.outputs)
+    while stack:
+        node = stack.pop()
+        if node in per_chunk or node in boundary or node not in inside:
             continue
-        if not isinstance(info.dim_of(node), SeqDim):
-            return set(), {}
-        boundary[node] = any(u.target in ATTENTION_OPS and node in u.args[1:3] for u in readers)
-    return once, boundary
+        per_chunk.add(node)
+        stack.extend(node.all_input_nodes)
+    return set(region.prefix), boundary, per_chunk
 
 
 def _broadcasts(node: fx.Node) -> bool:
@@ -281,7 +293,7 @@ def _last_readers(region: Any) -> dict[int, list[fx.Node]]:
     """Position in `region.nodes` after which each value (the input included) is not read."""
     index = {n: i for i, n in enumerate(region.nodes)}
     dies: dict[int, list[fx.Node]] = {}
-    for node in [region.input, *region.nodes]:
+    for node in [region.input, *region.nodes] if region.input is not None else region.nodes:
         readers = [index[u] for u in node.users if u in index]
         if readers:
             dies.setdefault(max(readers), []).append(node)

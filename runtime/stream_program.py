@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.sequence import SeqDim
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq
 
 log = logging.getLogger(__name__)
@@ -32,41 +31,88 @@ def _add(total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor 
     return part if total is None else total.add_(part)
 
 
-class StreamLayer(torch.autograd.Function):
-    """A layer that saves only its input; the backward re-runs it chunk by chunk."""
+class StreamLayers(torch.autograd.Function):
+    """Consecutive layers that save only the first one's input.
+
+    The forward runs each layer chunk by chunk without autograd. The backward re-runs the
+    forward of all but the last to get their inputs back (none when the group is one layer),
+    then, last layer first, re-runs each chunk by chunk with autograd and sums the chunks'
+    gradients. `side` holds every layer's side inputs, in `_group_side(runners)`'s order.
+    """
 
     @staticmethod
-    def forward(ctx: Any, runner: ChunkRunner, x: torch.Tensor, *side: Any) -> torch.Tensor:
-        region = runner.region
-        whole = dict(zip(region.side_inputs, side))
-        with torch.no_grad():
-            _fill_whole(runner, whole)
-            ctx.chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
-            if _keys_values_once(runner, ctx.chunk):
-                out = _forward_in_chunks(runner, x, whole, ctx.chunk)
-            else:
-                out = runner.run(x, 0, runner.length, whole,
-                                 keep=region.outputs)[region.outputs[0]]
-        ctx.runner = runner
-        tensors = [t if isinstance(t, torch.Tensor) else None for t in side]
+    def forward(ctx: Any, runners: list[ChunkRunner], x: torch.Tensor, *side: Any
+                ) -> torch.Tensor:
+        values = dict(zip(_group_side(runners), side))
+        ctx.chunks = []
+        h = x
+        for runner in runners:
+            h, chunk = _layer_forward(runner, h, values)
+            ctx.chunks.append(chunk)
+        ctx.runners = runners
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
-        ctx.save_for_backward(x, *tensors)
-        return out
+        ctx.save_for_backward(x, *(t if isinstance(t, torch.Tensor) else None for t in side))
+        return h
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        runner: ChunkRunner = ctx.runner
+        runners: list[ChunkRunner] = ctx.runners
         x, *tensors = ctx.saved_tensors
         side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
-        if _keys_values_once(runner, ctx.chunk):
-            # Each chunk reads its rows of the output gradient before writing the same rows of
-            # the input gradient: one buffer can hold both.
-            grads = _LayerGrads(runner, x, side, reusable=grad_out)
-            _backward_keys_values_once(grads, grad_out, ctx.chunk)
+        order = _group_side(runners)
+        values = dict(zip(order, side))
+        inputs = [x]
+        for runner in runners[:-1]:  # the inputs not saved, rebuilt from the first
+            inputs.append(_layer_forward(runner, inputs[-1], values)[0])
+        totals: dict[fx.Node, torch.Tensor | None] = {}
+        grad = grad_out
+        for runner, chunk in reversed(list(zip(runners, ctx.chunks))):
+            layer_side = [values[n] for n in runner.region.side_inputs]
+            grads = _layer_backward(runner, inputs.pop(), layer_side, grad, chunk)
+            grad = grads.result()
+            for node, part in zip(runner.region.side_inputs, grads.side):
+                totals[node] = _add(totals.get(node), part)
+        return (None, grad, *(totals.get(n) for n in order))
+
+
+def _group_side(runners: list[ChunkRunner]) -> list[fx.Node]:
+    """The side inputs of consecutive layers, each once; the layers' own inputs excluded."""
+    inner = {r.region.input for r in runners[1:]}
+    order: list[fx.Node] = []
+    for runner in runners:
+        for node in runner.region.side_inputs:
+            if node not in inner and node not in order:
+                order.append(node)
+    return order
+
+
+def _layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, Any]
+                   ) -> tuple[torch.Tensor, int]:
+    """A layer's output without autograd, and the chunk size its backward may use (the whole
+    length when a mask lets queries see later keys)."""
+    region = runner.region
+    whole = {n: values[n] for n in region.side_inputs}
+    with torch.no_grad():
+        _fill_whole(runner, whole)
+        chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
+        if _keys_values_once(runner, chunk):
+            out = _forward_in_chunks(runner, x, whole, chunk)
         else:
-            grads = _LayerGrads(runner, x, side)
-            _backward_prefix_per_chunk(grads, grad_out, ctx.chunk)
-        return (None, grads.result(), *grads.side)
+            out = runner.run(x, 0, runner.length, whole, keep=region.outputs)[region.outputs[0]]
+    return out, chunk
+
+
+def _layer_backward(runner: ChunkRunner, x: torch.Tensor, side: list[Any],
+                    grad_out: torch.Tensor, chunk: int) -> _LayerGrads:
+    if _keys_values_once(runner, chunk):
+        # Each chunk reads its rows of the output gradient before writing the same rows of
+        # the input gradient: one buffer can hold both.
+        grads = _LayerGrads(runner, x, side, reusable=grad_out)
+        _backward_keys_values_once(grads, grad_out, chunk)
+    else:
+        grads = _LayerGrads(runner, x, side)
+        _backward_prefix_per_chunk(grads, grad_out, chunk)
+    return grads
 
 
 _OWN_GRADS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
@@ -78,14 +124,15 @@ region's input gradient (rows are overwritten only after they were read)."""
 class _LayerGrads:
     """A layer's backward state: leaves for its side inputs and the gradient sums."""
 
-    def __init__(self, runner: ChunkRunner, x: torch.Tensor, side: list[Any],
+    def __init__(self, runner: ChunkRunner, x: torch.Tensor | None, side: list[Any],
                  reusable: torch.Tensor | None = None):
         self.runner, self.saved_x = runner, x
         self.leaves = [_leaf(t) for t in side]
         self.wanted = [i for i, t in enumerate(self.leaves)
                        if isinstance(t, torch.Tensor) and t.requires_grad]
         self.whole = dict(zip(runner.region.side_inputs, self.leaves))
-        self.x = reusable if _reusable(reusable, x) else torch.zeros_like(x)
+        self.x = (None if x is None else
+                  reusable if _reusable(reusable, x) else torch.zeros_like(x))
         self.side: list[torch.Tensor | None] = [None] * len(side)
 
     def result(self) -> torch.Tensor:
@@ -142,8 +189,7 @@ def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:
 
 def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any]
                     ) -> dict[fx.Node, torch.Tensor]:
-    """Keys, values and what else the rest of the layer reads from their part, over the whole
-    length, without autograd."""
+    """Attention's keys and values over the whole length, without autograd."""
     with torch.no_grad():
         return runner.run(x, 0, runner.length, whole, only=runner.once,
                           keep=list(runner.boundary), x_start=0)
@@ -151,7 +197,7 @@ def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, A
 
 def _chunk_inputs(runner: ChunkRunner, boundary: dict[fx.Node, torch.Tensor], start: int,
                   end: int, grad: bool) -> dict[fx.Node, tuple[torch.Tensor, int]]:
-    """The boundary values a chunk reads: keys and values from 0, the rest from `start`."""
+    """The keys and values a chunk reads: from the sequence's start to the chunk's end."""
     preset = {}
     for node, from_zero in runner.boundary.items():
         first = 0 if from_zero else start
@@ -170,26 +216,26 @@ def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node
     out = torch.empty(val.shape, dtype=val.dtype, device=x.device)
     x_seq, out_seq = runner.info.dim_of(region.input), runner.info.dim_of(output)
     boundary = _boundary_whole(runner, x, whole)
-    rest = set(region.nodes) - runner.once
     for start, end in _chunks(runner.length, chunk):
         part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
                           preset=_chunk_inputs(runner, boundary, start, end, grad=False),
-                          only=rest, keep=region.outputs, x_start=start)[output]
+                          only=runner.per_chunk, keep=region.outputs,
+                          prefix_from_zero=False)[output]
         narrow_seq(out, out_seq, start, end - start).copy_(part)
     return out
 
 
 def _backward_keys_values_once(grads: _LayerGrads, grad_out: torch.Tensor, chunk: int) -> None:
-    """Keys and values (and what else their part of the layer gives the rest) are computed once
-    over the whole length, without autograd. Each chunk of queries reads them and adds into
+    """Keys and values are computed once over the whole length, without autograd. Each chunk
+    re-runs the rest of the layer for its rows (norms included), reads them, and adds into
     their gradients' sums; then each chunk of the token-local part that made them is re-run
-    and backpropagates its rows of those sums. No whole-length autograd graph exists."""
+    and backpropagates its rows of those sums. No whole-length autograd graph exists; the
+    whole-length buffers are the keys, values and their gradients."""
     runner = grads.runner
     region = runner.region
     info = runner.info
     x_seq = info.dim_of(region.input)
     out_seq = info.dim_of(region.outputs[0])
-    rest = set(region.nodes) - runner.once
     # A copy of the side values: what this computes without autograd from the parameters
     # (transposed weights) must not stand in for the leaves' versions in the chunks below.
     boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole))
@@ -199,8 +245,8 @@ def _backward_keys_values_once(grads: _LayerGrads, grad_out: torch.Tensor, chunk
             x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
             x_part.requires_grad_()
             preset = _chunk_inputs(runner, boundary, start, end, grad=True)
-            out = runner.run(x_part, start, end, grads.whole, preset=preset, only=rest,
-                             keep=region.outputs, x_start=start)
+            out = runner.run(x_part, start, end, grads.whole, preset=preset,
+                             only=runner.per_chunk, keep=region.outputs, prefix_from_zero=False)
             leaves = [leaf for leaf, _ in preset.values()]
             found = torch.autograd.grad(out[region.outputs[0]],
                                         [x_part, *leaves, *grads.targets()],
@@ -348,6 +394,7 @@ class StreamHead(torch.autograd.Function):
             parts = _head_backward_pass(grads, seeds)
             with torch.no_grad():
                 outputs = _run_tail(runner, parts, grads.whole)
+            grads.saved_x = None  # the gradients are all the backward needs
             ctx.ready = grads
             return tuple(outputs)
         whole = dict(zip(region.side_inputs, side))
@@ -452,6 +499,84 @@ def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
+class StreamBatch(torch.autograd.Function):
+    """A loss coupling the samples of a batch (contrastive), its per-sample part run a chunk of
+    samples at a time: first without autograd for the values the loss reads (the embeddings),
+    then, in the backward, again with autograd to take their gradients back to the weights."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: ChunkRunner, *inputs: Any) -> Any:
+        region = runner.region
+        whole = dict(zip(region.side_inputs, inputs))
+        with torch.no_grad():
+            _fill_whole(runner, whole)
+            boundary = {n: _empty_like_meta(n, inputs) for n in region.boundary}
+            for start, end in _chunks(runner.length, region.chunk_size):
+                rows = runner.run(None, start, end, whole, only=region.chunked,
+                                  keep=region.boundary)
+                for node, value in rows.items():
+                    narrow_seq(boundary[node], runner.info.dim_of(node), start,
+                               end - start).copy_(value)
+            outputs = _run_tail(runner, boundary, whole)
+        ctx.runner, ctx.boundary = runner, boundary
+        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in inputs))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:
+        runner: ChunkRunner = ctx.runner
+        region = runner.region
+        side = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others)]
+        grads = _LayerGrads(runner, None, side)
+        leaves = {n: v.detach().requires_grad_() for n, v in ctx.boundary.items()}
+        ctx.boundary = None
+        with torch.enable_grad():
+            _fill_whole(runner, grads.whole)
+            outputs = _run_tail(runner, leaves, grads.whole)
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            found = torch.autograd.grad([o for o, _ in pairs],
+                                        [*leaves.values(), *grads.targets()],
+                                        [g for _, g in pairs], allow_unused=True)
+        seeds = dict(zip(leaves, found[:len(leaves)]))
+        grads.add_side(found[len(leaves):])  # weights the loss reads itself (a logit scale)
+        grads.forget_param_values()
+        for start, end in _chunks(runner.length, region.chunk_size):
+            with torch.enable_grad():
+                rows = runner.run(None, start, end, grads.whole, only=region.chunked,
+                                  keep=region.boundary)
+                roots = [n for n in rows if seeds[n] is not None and rows[n].requires_grad]
+                if not roots:
+                    continue
+                part = torch.autograd.grad(
+                    [rows[n] for n in roots], grads.targets(),
+                    [narrow_seq(seeds[n], runner.info.dim_of(n), start, end - start)
+                     for n in roots], allow_unused=True)
+            grads.add_side(part)
+            grads.forget_param_values()
+        return (None, *grads.side)
+
+
+def _empty_like_meta(node: fx.Node, inputs: tuple[Any, ...]) -> torch.Tensor:
+    val = node.meta["val"]
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), val.device)
+    return torch.empty(val.shape, dtype=val.dtype, device=device)
+
+
+def _groups(runners: list[ChunkRunner], size: int) -> list[list[ChunkRunner]]:
+    """Runs of up to `size` layers, each following the previous one directly; the head alone."""
+    groups: list[list[ChunkRunner]] = []
+    for runner in runners:
+        last = groups[-1] if groups else None
+        if (runner.region.kind == "layer" and last and last[-1].region.kind == "layer"
+                and len(last) < size and runner.region.input is last[-1].region.outputs[0]):
+            last.append(runner)
+        else:
+            groups.append([runner])
+    return groups
+
+
 class StreamProgram:
     """Runs a forward aten graph with autograd; stream regions run as one autograd node each."""
 
@@ -460,11 +585,13 @@ class StreamProgram:
         self.nodes = list(gm.graph.nodes)
         self.runners = [ChunkRunner(r, plan) for r in plan.regions]
         self.owner: dict[fx.Node, ChunkRunner] = {}
-        self.trigger: dict[fx.Node, ChunkRunner] = {}
         for runner in self.runners:
             for node in runner.region.nodes:
                 self.owner[node] = runner
-            self.trigger[runner.region.nodes[-1]] = runner
+        self.trigger: dict[fx.Node, list[ChunkRunner]] = {}
+        for group in _groups(self.runners, plan.layers_per_checkpoint):
+            self.trigger[group[-1].region.nodes[-1]] = group
+        self.trigger_of = {r: node for node, group in self.trigger.items() for r in group}
         self.dies_after = self._lifetimes()
 
     def _lifetimes(self) -> dict[int, list[fx.Node]]:
@@ -477,7 +604,7 @@ class StreamProgram:
             uses = []
             for user in node.users:
                 runner = self.owner.get(user)
-                uses.append(index[runner.region.nodes[-1]] if runner else index[user])
+                uses.append(index[self.trigger_of[runner]] if runner else index[user])
             last[node] = max(uses, default=index[node])
         dies: dict[int, list[fx.Node]] = {}
         for node, i in last.items():
@@ -502,12 +629,18 @@ class StreamProgram:
         raise RuntimeError("stream program: the graph has no output node")
 
     @staticmethod
-    def _run_region(runner: ChunkRunner, env: dict[fx.Node, Any]) -> None:
-        region = runner.region
-        side = [env[n] for n in region.side_inputs]
+    def _run_region(group: list[ChunkRunner], env: dict[fx.Node, Any]) -> None:
+        region = group[0].region
         if region.kind == "layer":
-            env[region.outputs[0]] = StreamLayer.apply(runner, env[region.input], *side)
+            side = [env[n] for n in _group_side(group)]
+            env[group[-1].region.outputs[0]] = StreamLayers.apply(group, env[region.input], *side)
+        elif region.kind == "batch":
+            outs = StreamBatch.apply(group[0], *(env[n] for n in region.side_inputs))
+            for node, value in zip(region.outputs, outs):
+                env[node] = value
         else:
+            runner = group[0]
+            side = [env[n] for n in region.side_inputs]
             outs = StreamHead.apply(runner, env[region.input], *side)
             for node, value in zip(region.outputs, outs):
                 env[node] = value

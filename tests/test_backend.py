@@ -59,7 +59,6 @@ def test_bad_option_names_the_key_at_first_call():
 @pytest.mark.parametrize("options,fragment", [
     ({"sequence_parallel": True}, "attention across devices is not available yet"),
     ({"sequence_parallel": {}}, "attention across devices is not available yet"),
-    ({"stream": {"dim": "batch"}}, "chunking along the batch"),
 ])
 def test_unbuilt_features_are_refused_clearly(options, fragment):
     with pytest.raises(memcompile.NotAvailableError, match=fragment):

@@ -60,6 +60,9 @@ def test_stream_dict_becomes_stream_options():
 @pytest.mark.parametrize("stream,key", [
     ({"chunk": 3}, "stream.chunk"), ({"chunk_size": 0}, "stream.chunk_size"),
     ({"dim": "time"}, "stream.dim"), ("yes", "stream"), (1, "stream"), (0.0, "stream"),
+    ({"keys_values": "twice"}, "stream.keys_values"),
+    ({"layers_per_checkpoint": 0}, "stream.layers_per_checkpoint"),
+    ({"layers_per_checkpoint": True}, "stream.layers_per_checkpoint"),
 ])
 def test_bad_stream_values(stream, key):
     with pytest.raises(OptionsError, match=f"memcompile option '{key}'"):

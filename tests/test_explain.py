@@ -88,6 +88,6 @@ def test_a_function_closing_over_parameters():
 
 
 def test_unbuilt_options_are_refused_before_capture():
-    with pytest.raises(memcompile.NotAvailableError, match="chunking along the batch"):
+    with pytest.raises(memcompile.NotAvailableError, match="attention across devices"):
         memcompile.explain(lambda x: x.sum(), torch.randn(3, requires_grad=True),
-                           options={"stream": {"dim": "batch"}})
+                           options={"sequence_parallel": True})

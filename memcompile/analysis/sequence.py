@@ -181,10 +181,20 @@ class _Rules:
             return self._squeezed(node, seq0)
         if target in (aten.mm.default, aten.addmm.default, aten.bmm.default):
             return self._matmul(node)
+        if target is aten.convolution.default:
+            if seq0 is not None and seq0.dim == 0 and len(carried) == 1:
+                return "local", seq0, ""  # per sample: the batch
+            return "mixes", None, "a convolution over the chunked dimension"
         if target is aten.embedding.default:
             return "local", self.info.dims.get(node.args[1]), ""
         if target in (aten.sum.default, aten.mean.default):
             return "reduces", None, ""
+        if target is aten.linalg_vector_norm.default:
+            dims = _norm_dims(node.args[2] if len(node.args) > 2 else None, len(_shape(first)))
+            if seq0.dim in dims:
+                return "unknown", None, "a norm over the chunked dimension"
+            keep = len(node.args) > 3 and node.args[3]
+            return "local", seq0.moved(seq0.dim - (0 if keep else sum(d < seq0.dim for d in dims))), ""
         if target in _REDUCTIONS:
             dims = _norm_dims(node.args[1] if len(node.args) > 1 else None, len(_shape(first)))
             if seq0.dim in dims:
@@ -204,6 +214,12 @@ class _Rules:
             if dim == seq0.dim:
                 return "unknown", None, "splits along the sequence"
             return "local", tuple(seq0 for _ in node.meta["val"]), ""
+        if target is aten.unbind.int:
+            dim = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(first))
+            if dim == seq0.dim:
+                return "unknown", None, "unbinds along the chunked dimension"
+            moved = seq0.moved(seq0.dim - (1 if dim < seq0.dim else 0))
+            return "local", tuple(moved for _ in node.meta["val"]), ""
         if target in (aten.slice.Tensor, aten.select.int, aten.narrow.default):
             return self._slice(node, seq0)
         if target is aten.cat.default:
@@ -219,6 +235,12 @@ class _Rules:
 
     def _attention(self, node: fx.Node) -> tuple[Effect, SeqDim | None, str]:
         q = self.info.dims.get(node.args[0])
+        if q is not None and q.dim == 0 and all(
+                self.info.dims.get(a) in (None, q) for a in node.args[1:3]):
+            # Chunking the batch: attention stays within each sample.
+            outs = node.meta["val"]
+            return "local", tuple(q if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
+                                  for v in outs), ""
         if q is None or q.dim != 2:
             return "unknown", None, "attention whose queries do not hold the sequence in dim 2"
         if len(node.args) > 3 and node.args[3]:
@@ -284,15 +306,35 @@ class _Rules:
         return "local", seq, ""
 
 
-def analyze_sequence(graph: fx.Graph) -> SequenceInfo | None:
-    """Find the sequence dimension of every value and the effect of every op.
+def batch_inputs(graph: fx.Graph, parameters: set[fx.Node]) -> tuple[list[fx.Node], int | None]:
+    """The non-parameter placeholders of rank 2 or more sharing the first one's leading size
+    (images and token ids of one batch), and that size; ([], None) if there are none."""
+    inputs = [n for n in graph.find_nodes(op="placeholder") if n not in parameters
+              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 2]
+    if not inputs or int(inputs[0].meta["val"].shape[0]) < 2:
+        return [], None
+    size = int(inputs[0].meta["val"].shape[0])
+    return [n for n in inputs if int(n.meta["val"].shape[0]) == size], size
 
-    Returns None when the graph has no integer token input (nothing to chunk).
+
+def analyze_sequence(graph: fx.Graph, *, dim: str = "sequence",
+                     parameters: set[fx.Node] | None = None) -> SequenceInfo | None:
+    """Find the chunked dimension of every value and the effect of every op.
+
+    `dim="sequence"` follows the length of the integer `(batch, T)` inputs; `dim="batch"`
+    follows the leading (batch) dimension of the non-parameter inputs instead (`parameters`
+    names the placeholders to leave out), for losses that couple the samples of a batch.
+    Returns None when the graph has no such input (nothing to chunk).
     """
-    inputs, length = token_inputs(graph)
+    if dim == "batch":
+        inputs, length = batch_inputs(graph, parameters or set())
+        start = SeqDim(0)
+    else:
+        inputs, length = token_inputs(graph)
+        start = SeqDim(1)
     if length is None:
         return None
-    info = SequenceInfo(length, {n: SeqDim(1) for n in inputs}, {}, {})
+    info = SequenceInfo(length, {n: start for n in inputs}, {}, {})
     rules = _Rules(info)
     for node in graph.nodes:
         if node.op != "call_function":

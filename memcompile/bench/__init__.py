@@ -22,6 +22,10 @@ Modes:
 - `budget_<f>`: `torch.compile(model)` with `torch._functorch.config.activation_memory_budget = f`
   for the whole run (`budget_0.5`, `budget_0.0`, any float in [0, 1]).
 - `memcompile`: `torch.compile(model, backend="memcompile", options=<--options>)`.
+- `stream`: StreamBP, `torch.compile(lambda **b: model(**b).loss, backend="memcompile",
+  options={"stream": True, ...})` (the loss alone is compiled, so the logits need not exist
+  whole; `--options` may carry a `stream` dict with chunk sizes).
+- `stream_g<g>`: StreamBP saving every `g`-th layer's input (`layers_per_checkpoint` g).
 - `mcbudget_<x>`: memcompile with `memory_budget` = x set over `--options`: a float in (0, 1]
   (a fraction of the save-everything plan's peak), `auto` or `none` (`mcbudget_0.5`,
   `mcbudget_auto`). A budget below the least peak memcompile's planner reaches is a row with

@@ -14,7 +14,8 @@ from typing import Any
 FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile", "stream")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
-    "eager, checkpoint, inductor, memcompile, stream, budget_<float in [0, 1]> (e.g. budget_0.5), "
+    "eager, checkpoint, inductor, memcompile, stream, stream_g<layers per saved input> "
+    "(e.g. stream_g2), budget_<float in [0, 1]> (e.g. budget_0.5), "
     "mcbudget_<float in (0, 1]>, mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
 )
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -22,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 _BUDGET_RE = re.compile(r"^budget_(.+)$")
 _MC_BUDGET_RE = re.compile(r"^mcbudget_(.+)$")
 _MC_BUDGET_WORDS = {"auto": "auto", "none": None}
+_STREAM_GROUP_RE = re.compile(r"^stream_g([1-9][0-9]*)$")
 
 
 def parse_seq_lens(text: str) -> list[int]:
@@ -79,6 +81,15 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
     return {"memory_budget": value} if 0.0 < value <= 1.0 else None
 
 
+def stream_options_of(mode: str) -> dict[str, Any] | None:
+    """The stream options of `stream` ({}) and `stream_g<g>` (`layers_per_checkpoint` g), or
+    None for any other mode."""
+    if mode == "stream":
+        return {}
+    match = _STREAM_GROUP_RE.match(mode)
+    return {"layers_per_checkpoint": int(match.group(1))} if match else None
+
+
 def is_budget_mode(mode: str) -> bool:
     """Whether `mode` is a point on a budget sweep: torch's `budget_<f>` or memcompile's
     `mcbudget_<x>`."""
@@ -92,7 +103,8 @@ def parse_modes(text: str) -> list[str]:
         raise ValueError(f"bad --modes {text!r}: write mode names separated by commas; "
                          f"valid modes: {VALID_MODES_TEXT}")
     for mode in modes:
-        if mode not in FIXED_MODES and not is_budget_mode(mode):
+        if (mode not in FIXED_MODES and not is_budget_mode(mode)
+                and stream_options_of(mode) is None):
             raise ValueError(f"unknown mode {mode!r}; valid modes: {VALID_MODES_TEXT}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"bad --modes {text!r}: a mode appears twice")

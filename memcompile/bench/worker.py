@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from memcompile.bench.args import budget_of, mc_budget_options
+from memcompile.bench.args import budget_of, mc_budget_options, stream_options_of
 from memcompile.errors import MemoryBudgetError
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,19 @@ def _wrap(model: Any, mode: str, options: Mapping[str, Any]) -> Any:
     if mode == "checkpoint":
         _enable_checkpointing(model)
         return model
-    if mode == "stream":
+    stream = stream_options_of(mode)
+    budget_options = mc_budget_options(mode)
+    if stream is not None or budget_options is not None or mode == "memcompile":
         import memcompile  # noqa: F401  (registers the backend)
-
+    if stream is not None:
         # StreamBP chunks the loss head only when the compiled function returns the loss alone
         # (a model's logits output would have to exist whole): the usual loop reads only it.
+        given = options.get("stream")
+        stream = {**(given if isinstance(given, Mapping) else {}), **stream}
         loss = torch.compile(lambda **batch: model(**batch).loss, backend="memcompile",
-                             options={"stream": True, **options})
+                             options={**options, "stream": stream or True})
         return lambda **batch: _LossOnly(loss(**batch))
-    budget_options = mc_budget_options(mode)
     if mode == "memcompile" or budget_options is not None:
-        import memcompile  # noqa: F401  (registers the backend)
-
         return torch.compile(model, backend="memcompile",
                              options={**options, **(budget_options or {})})
     # "inductor" and "budget_<f>": torch.compile's defaults (the budget is patched by the caller)
