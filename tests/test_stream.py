@@ -409,7 +409,7 @@ def test_layers_sharing_a_saved_input_are_exact_and_rerun_once(layers_per_checkp
                                                                   keys_values, monkeypatch):
     """Five layers; groups of g save one input, and the backward re-runs the forward of the
     others in each group once: 5 + (layers not first in their group) layer forwards."""
-    import memcompile.runtime.stream_program as program
+    import memcompile.runtime.stream_layers as layers
 
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=5,
                          num_heads=4, num_kv_heads=2)
@@ -419,8 +419,8 @@ def test_layers_sharing_a_saved_input_are_exact_and_rerun_once(layers_per_checkp
     ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(4))
     batch = {"input_ids": ids, "labels": _labels(ids)}
     forwards = []
-    layer_forward = program._layer_forward
-    monkeypatch.setattr(program, "_layer_forward",
+    layer_forward = layers.layer_forward
+    monkeypatch.setattr(layers, "layer_forward",
                         lambda *a: forwards.append(1) or layer_forward(*a))
     options = {"runtime": "eager", "stream": {"chunk_size": 4, "keys_values": keys_values,
                                               "layers_per_checkpoint": layers_per_checkpoint}}

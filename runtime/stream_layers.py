@@ -1,0 +1,230 @@
+"""`StreamLayers`: consecutive layers that save one input; their backward re-runs them in
+sequence chunks. Keys and values are computed once per pass (or per chunk over its prefix)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq
+from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
+from memcompile.runtime.stream_tail import fill_whole
+
+log = logging.getLogger(__name__)
+
+
+class StreamLayers(torch.autograd.Function):
+    """Consecutive layers that save only the first one's input.
+
+    The forward runs each layer chunk by chunk without autograd. The backward re-runs the
+    forward of all but the last to get their inputs back (none when the group is one layer),
+    then, last layer first, re-runs each chunk by chunk with autograd and sums the chunks'
+    gradients. `side` holds every layer's side inputs, in `group_side(runners)`'s order.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, runners: list[ChunkRunner], x: torch.Tensor, *side: Any
+                ) -> torch.Tensor:
+        values = dict(zip(group_side(runners), side))
+        ctx.chunks = []
+        h = x
+        for runner in runners:
+            h, chunk = layer_forward(runner, h, values)
+            ctx.chunks.append(chunk)
+        ctx.runners = runners
+        ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
+        ctx.save_for_backward(x, *(t if isinstance(t, torch.Tensor) else None for t in side))
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        runners: list[ChunkRunner] = ctx.runners
+        x, *tensors = ctx.saved_tensors
+        side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
+        order = group_side(runners)
+        values = dict(zip(order, side))
+        inputs = [x]
+        for runner in runners[:-1]:  # the inputs not saved, rebuilt from the first
+            inputs.append(layer_forward(runner, inputs[-1], values)[0])
+        totals: dict[fx.Node, torch.Tensor | None] = {}
+        grad = grad_out
+        for runner, chunk in reversed(list(zip(runners, ctx.chunks))):
+            layer_side = [values[n] for n in runner.region.side_inputs]
+            grads = _layer_backward(runner, inputs.pop(), layer_side, grad, chunk)
+            grad = grads.result()
+            for node, part in zip(runner.region.side_inputs, grads.side):
+                totals[node] = add_into(totals.get(node), part)
+        return (None, grad, *(totals.get(n) for n in order))
+
+
+def group_side(runners: list[ChunkRunner]) -> list[fx.Node]:
+    """The side inputs of consecutive layers, each once; the layers' own inputs excluded."""
+    inner = {r.region.input for r in runners[1:]}
+    order: list[fx.Node] = []
+    for runner in runners:
+        for node in runner.region.side_inputs:
+            if node not in inner and node not in order:
+                order.append(node)
+    return order
+
+
+def layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, Any]
+                   ) -> tuple[torch.Tensor, int]:
+    """A layer's output without autograd, and the chunk size its backward may use (the whole
+    length when a mask lets queries see later keys)."""
+    region = runner.region
+    whole = {n: values[n] for n in region.side_inputs}
+    with torch.no_grad():
+        fill_whole(runner, whole)
+        chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
+        if _keys_values_once(runner, chunk):
+            out = _forward_in_chunks(runner, x, whole, chunk)
+        else:
+            out = runner.run(x, 0, runner.length, whole, keep=region.outputs)[region.outputs[0]]
+    return out, chunk
+
+
+def _layer_backward(runner: ChunkRunner, x: torch.Tensor, side: list[Any],
+                    grad_out: torch.Tensor, chunk: int) -> RegionGrads:
+    if _keys_values_once(runner, chunk):
+        # Each chunk reads its rows of the output gradient before writing the same rows of
+        # the input gradient: one buffer can hold both.
+        grads = RegionGrads(runner, x, side, reusable=grad_out)
+        _backward_keys_values_once(grads, grad_out, chunk)
+    else:
+        grads = RegionGrads(runner, x, side)
+        _backward_prefix_per_chunk(grads, grad_out, chunk)
+    return grads
+
+
+def _backward_prefix_per_chunk(grads: RegionGrads, grad_out: torch.Tensor, chunk: int) -> None:
+    """Each chunk re-runs the layer from its input over the prefix `[0, end)`."""
+    runner = grads.runner
+    region = runner.region
+    x_seq = runner.info.dim_of(region.input)
+    out_seq = runner.info.dim_of(region.outputs[0])
+    for start, end in chunks(runner.length, chunk):
+        first = runner.start_of(region.input, start)
+        with torch.enable_grad():
+            x_part = narrow_seq(grads.saved_x, x_seq, first, end - first).detach()
+            x_part.requires_grad_()
+            out = runner.run(x_part, start, end, grads.whole, keep=region.outputs)
+            found = torch.autograd.grad(out[region.outputs[0]], [x_part, *grads.targets()],
+                                        narrow_seq(grad_out, out_seq, start, end - start),
+                                        allow_unused=True)
+        if found[0] is not None:
+            narrow_seq(grads.x, x_seq, first, end - first).add_(found[0])
+        grads.add_side(found[1:])
+        grads.forget_param_values()
+
+
+def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:
+    return runner.region.keys_values == "once" and bool(runner.boundary) and chunk < runner.length
+
+
+def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any]
+                    ) -> dict[fx.Node, torch.Tensor]:
+    """Attention's keys and values over the whole length, without autograd."""
+    with torch.no_grad():
+        return runner.run(x, 0, runner.length, whole, only=runner.once,
+                          keep=list(runner.boundary), x_start=0)
+
+
+def _chunk_inputs(runner: ChunkRunner, boundary: dict[fx.Node, torch.Tensor], start: int,
+                  end: int, grad: bool) -> dict[fx.Node, tuple[torch.Tensor, int]]:
+    """The keys and values a chunk reads: from the sequence's start to the chunk's end."""
+    preset = {}
+    for node, from_zero in runner.boundary.items():
+        first = 0 if from_zero else start
+        part = narrow_seq(boundary[node], runner.info.dim_of(node), first, end - first)
+        preset[node] = (part.detach().requires_grad_() if grad else part, first)
+    return preset
+
+
+def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any],
+                       chunk: int) -> torch.Tensor:
+    """The layer's output computed chunk by chunk (keys and values once), so no whole-length
+    intermediate of its token-local part (the MLP's) exists at once."""
+    region = runner.region
+    output = region.outputs[0]
+    val = output.meta["val"]
+    out = torch.empty(val.shape, dtype=val.dtype, device=x.device)
+    x_seq, out_seq = runner.info.dim_of(region.input), runner.info.dim_of(output)
+    boundary = _boundary_whole(runner, x, whole)
+    for start, end in chunks(runner.length, chunk):
+        part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
+                          preset=_chunk_inputs(runner, boundary, start, end, grad=False),
+                          only=runner.per_chunk, keep=region.outputs,
+                          prefix_from_zero=False)[output]
+        narrow_seq(out, out_seq, start, end - start).copy_(part)
+    return out
+
+
+def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk: int) -> None:
+    """Keys and values are computed once over the whole length, without autograd. Each chunk
+    re-runs the rest of the layer for its rows (norms included), reads them, and adds into
+    their gradients' sums; then each chunk of the token-local part that made them is re-run
+    and backpropagates its rows of those sums. No whole-length autograd graph exists; the
+    whole-length buffers are the keys, values and their gradients."""
+    runner = grads.runner
+    region = runner.region
+    info = runner.info
+    x_seq = info.dim_of(region.input)
+    out_seq = info.dim_of(region.outputs[0])
+    # A copy of the side values: what this computes without autograd from the parameters
+    # (transposed weights) must not stand in for the leaves' versions in the chunks below.
+    boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole))
+    sums = {n: torch.zeros_like(v) for n, v in boundary.items()}
+    for start, end in chunks(runner.length, chunk):
+        with torch.enable_grad():
+            x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
+            x_part.requires_grad_()
+            preset = _chunk_inputs(runner, boundary, start, end, grad=True)
+            out = runner.run(x_part, start, end, grads.whole, preset=preset,
+                             only=runner.per_chunk, keep=region.outputs, prefix_from_zero=False)
+            leaves = [leaf for leaf, _ in preset.values()]
+            found = torch.autograd.grad(out[region.outputs[0]],
+                                        [x_part, *leaves, *grads.targets()],
+                                        narrow_seq(grad_out, out_seq, start, end - start),
+                                        allow_unused=True)
+        rows = narrow_seq(grads.x, x_seq, start, end - start)
+        if found[0] is not None:
+            rows.copy_(found[0])  # written once per row; over the output gradient if shared
+        else:
+            rows.zero_()
+        for (node, (_, first)), part in zip(preset.items(), found[1:1 + len(preset)]):
+            if part is not None:
+                narrow_seq(sums[node], info.dim_of(node), first, end - first).add_(part)
+        grads.add_side(found[1 + len(preset):])
+        grads.forget_param_values()
+    del boundary
+    for start, end in chunks(runner.length, chunk):
+        with torch.enable_grad():
+            x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
+            x_part.requires_grad_()
+            made = runner.run(x_part, start, end, grads.whole, only=runner.once,
+                              keep=list(runner.boundary), prefix_from_zero=False)
+            roots = [n for n in runner.boundary if made[n].requires_grad]
+            found = torch.autograd.grad(
+                [made[n] for n in roots], [x_part, *grads.targets()],
+                [narrow_seq(sums[n], info.dim_of(n), start, end - start) for n in roots],
+                allow_unused=True)
+        if found[0] is not None:
+            narrow_seq(grads.x, x_seq, start, end - start).add_(found[0])
+        grads.add_side(found[1:])
+        grads.forget_param_values()
+
+
+def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
+    """Whether every attention mask of the layer hides later keys (else chunks need all keys)."""
+    for node in runner.region.nodes:
+        mask = node.kwargs.get("attn_mask") if node.op == "call_function" else None
+        if isinstance(mask, fx.Node) and isinstance(whole.get(mask), torch.Tensor):
+            if not mask_is_causal(whole[mask]):
+                log.warning("stream: %s's mask lets queries see later keys; the layer's "
+                            "backward re-runs it whole", node.name)
+                return False
+    return True
