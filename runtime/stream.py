@@ -1,20 +1,13 @@
-"""Run a forward aten graph with StreamBP: layers re-run chunk by chunk in the backward, and the
-loss head computed chunk by chunk.
+"""The stream runtime's core: `ChunkRunner`, which evaluates a region of a forward aten graph
+on a range of the chunked dimension, and the helpers that cut and write ranges.
 
-`StreamProgram` interprets the graph op by op with PyTorch's autograd, freeing each value after
-its last use. A region the stream plan chose (`passes.stream_plan`) runs as one autograd node:
-
-- a layer keeps only its input. Its backward re-runs it one chunk of queries at a time (keys and
-  values over the prefix, causal attention aligned to the lower right) and adds each chunk's
-  input and parameter gradients into full-length sums;
-- the head runs its token-local part chunk by chunk and adds the chunks' shares of each
-  reduction over the sequence (normalizers, such as the count of labelled tokens, come from the
-  whole batch before chunking). Its backward takes the reduced values' gradients from the tail
-  and re-runs each chunk with them, so a loss that is not additive over tokens (DPO's sigmoid of
-  a per-sequence sum) is exact too.
-
-The plan is read by duck typing (`regions`, `info`, `activations`), so the runtime does not
-import the passes.
+Regions are run as autograd nodes elsewhere: `stream_layers` (layers re-run in sequence chunks
+in the backward), `stream_loss` (the loss head along the sequence; a batch-coupled loss along
+the batch), `stream_program` (the whole graph). Values a chunk computes cover only the range it
+needs: `[start, end)` for most, `[0, end)` for what attention's keys and values are made from;
+values built from the inputs alone are computed whole and narrowed where they meet the chunked
+dimension. The plan is read by duck typing (`regions`, `info`, `activations`), so the runtime
+does not import the passes.
 """
 
 from __future__ import annotations
@@ -51,6 +44,32 @@ def narrow_seq(t: torch.Tensor, seq: SeqDim, offset: int, length: int) -> torch.
     part = t.reshape(split).narrow(seq.dim + 1, offset, length)
     return part.reshape(*t.shape[:seq.dim], seq.outer * length * seq.inner,
                         *t.shape[seq.dim + 1:])
+
+
+def write_rows(dst: torch.Tensor, seq: SeqDim, offset: int, value: torch.Tensor, *,
+               add: bool) -> None:
+    """Add (or copy) `value` into rows `[offset, offset + its length)` of `dst`, in place.
+
+    `dst` must be contiguous: a sequence merged with other dimensions is reached through a view
+    of `dst` split into them (narrowing the merged form and reshaping back would copy, and the
+    write would be lost).
+    """
+    if seq.outer == 1 and seq.inner == 1:
+        part = dst.narrow(seq.dim, offset, value.shape[seq.dim])
+    else:
+        factor = seq.outer * seq.inner
+        length = value.shape[seq.dim] // factor
+
+        def split(t: torch.Tensor, rows: int) -> tuple[int, ...]:
+            return (*t.shape[:seq.dim], seq.outer, rows, seq.inner, *t.shape[seq.dim + 1:])
+
+        part = dst.view(split(dst, dst.shape[seq.dim] // factor)).narrow(seq.dim + 1, offset,
+                                                                         length)
+        value = value.reshape(split(value, length))
+    if add:
+        part.add_(value)
+    else:
+        part.copy_(value)
 
 
 def lower_right_causal(queries: int, keys: int, device: torch.device,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq
+from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_tail import fill_whole
 
@@ -116,7 +116,7 @@ def _backward_prefix_per_chunk(grads: RegionGrads, grad_out: torch.Tensor, chunk
                                         narrow_seq(grad_out, out_seq, start, end - start),
                                         allow_unused=True)
         if found[0] is not None:
-            narrow_seq(grads.x, x_seq, first, end - first).add_(found[0])
+            write_rows(grads.x, x_seq, first, found[0], add=True)
         grads.add_side(found[1:])
         grads.forget_param_values()
 
@@ -159,7 +159,7 @@ def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node
                           preset=_chunk_inputs(runner, boundary, start, end, grad=False),
                           only=runner.per_chunk, keep=region.outputs,
                           prefix_from_zero=False)[output]
-        narrow_seq(out, out_seq, start, end - start).copy_(part)
+        write_rows(out, out_seq, start, part, add=False)
     return out
 
 
@@ -190,14 +190,12 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
                                         [x_part, *leaves, *grads.targets()],
                                         narrow_seq(grad_out, out_seq, start, end - start),
                                         allow_unused=True)
-        rows = narrow_seq(grads.x, x_seq, start, end - start)
-        if found[0] is not None:
-            rows.copy_(found[0])  # written once per row; over the output gradient if shared
-        else:
-            rows.zero_()
+        # Each row is written once, over the output gradient's when the buffer is shared.
+        write_rows(grads.x, x_seq, start, found[0] if found[0] is not None else
+                   torch.zeros_like(narrow_seq(grads.x, x_seq, start, end - start)), add=False)
         for (node, (_, first)), part in zip(preset.items(), found[1:1 + len(preset)]):
             if part is not None:
-                narrow_seq(sums[node], info.dim_of(node), first, end - first).add_(part)
+                write_rows(sums[node], info.dim_of(node), first, part, add=True)
         grads.add_side(found[1 + len(preset):])
         grads.forget_param_values()
     del boundary
@@ -213,7 +211,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
                 [narrow_seq(sums[n], info.dim_of(n), start, end - start) for n in roots],
                 allow_unused=True)
         if found[0] is not None:
-            narrow_seq(grads.x, x_seq, start, end - start).add_(found[0])
+            write_rows(grads.x, x_seq, start, found[0], add=True)
         grads.add_side(found[1:])
         grads.forget_param_values()
 

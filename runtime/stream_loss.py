@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.runtime.stream import ChunkRunner, narrow_seq
+from memcompile.runtime.stream import ChunkRunner, narrow_seq, write_rows
 from memcompile.runtime.stream_grads import RegionGrads, chunks
 from memcompile.runtime.stream_tail import fill_whole, run_tail
 
@@ -190,7 +190,7 @@ def _head_backward_pass(grads: RegionGrads, seeds: dict[fx.Node, list[Any]]) -> 
             totals[node] = detached if node not in totals else _add_share(totals[node], detached)
         if found:
             if found[0] is not None:
-                narrow_seq(grads.x, seq, start, end - start).add_(found[0])
+                write_rows(grads.x, seq, start, found[0], add=True)
             grads.add_side(found[1:])
         grads.forget_param_values()
     return totals
@@ -218,8 +218,8 @@ class StreamBatch(torch.autograd.Function):
                 rows = runner.run(None, start, end, whole, only=region.chunked,
                                   keep=region.boundary)
                 for node, value in rows.items():
-                    narrow_seq(boundary[node], runner.info.dim_of(node), start,
-                               end - start).copy_(value)
+                    write_rows(boundary[node], runner.info.dim_of(node), start, value,
+                               add=False)
             outputs = run_tail(runner, boundary, whole)
         ctx.runner, ctx.boundary = runner, boundary
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in inputs]

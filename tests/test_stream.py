@@ -74,6 +74,19 @@ def test_ops_that_mix_tokens_are_named():
     assert info.effects[cumsum] == "mixes"
 
 
+def test_rows_of_a_merged_sequence_are_read_and_written_in_place():
+    from memcompile.runtime.stream import narrow_seq, write_rows
+
+    full = torch.arange(2 * 6 * 3, dtype=torch.float64).reshape(2 * 6, 3)  # (B*T, D), B=2, T=6
+    seq = SeqDim(0, outer=2, inner=1)
+    rows = narrow_seq(full, seq, 2, 3)
+    torch.testing.assert_close(rows, full.view(2, 6, 3)[:, 2:5].reshape(6, 3))
+    write_rows(full, seq, 2, torch.ones(6, 3, dtype=torch.float64), add=True)
+    expected = torch.arange(36, dtype=torch.float64).reshape(2, 6, 3)
+    expected[:, 2:5] += 1
+    torch.testing.assert_close(full, expected.reshape(12, 3))
+
+
 def test_lower_right_mask_gives_the_rows_of_full_causal_attention():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
