@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim
+from memcompile.runtime.chunk_attention import prefix_causal_attention
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,10 @@ class ChunkRunner:
     def _attention(self, node: fx.Node, args: tuple, kwargs: dict, first: int, end: int) -> Any:
         """Attention for queries `[first, end)` over keys `[0, end)`, causal at the lower right.
 
-        The CPU kernel takes only an additive mask of the query's dtype for that alignment
-        (`is_causal` aligns at the top left when there are fewer queries than keys), so the
-        queries go in blocks whose mask stays under `MASK_BYTES`; each block needs keys only up
-        to its own last query.
+        The CPU kernel runs it as two calls without a mask (`chunk_attention`). Other kernels
+        take an additive mask (`is_causal` aligns at the top left when there are fewer queries
+        than keys); their queries go in blocks whose mask stays under `MASK_BYTES`, each block
+        reading keys only up to its own last query.
         """
         args = list(args)
         queries = end - first
@@ -253,6 +254,8 @@ class ChunkRunner:
         if not is_causal or queries == end:
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
+        if node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
+            return prefix_causal_attention(q, k, v, kwargs.get("scale"))
         args[4] = False
         block = max(1, min(queries, MASK_BYTES // (end * q.element_size())))
         outs, lses = [], []
@@ -260,15 +263,14 @@ class ChunkRunner:
             b1 = min(b0 + block, queries)
             keys = first + b1
             mask = lower_right_causal(b1 - b0, keys, q.device, q.dtype)
-            out, lse = node.target(q.narrow(2, b0, b1 - b0), k.narrow(2, 0, keys),
-                                   v.narrow(2, 0, keys), *args[3:], **{**kwargs,
-                                                                     "attn_mask": mask})
+            out, lse, *_ = node.target(q.narrow(2, b0, b1 - b0), k.narrow(2, 0, keys),
+                                       v.narrow(2, 0, keys), *args[3:],
+                                       **{**kwargs, "attn_mask": mask})
             outs.append(out)
             lses.append(lse)
         if len(outs) == 1:
             return outs[0], lses[0]
         return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-
 
 def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],
                                                      set[fx.Node]]:

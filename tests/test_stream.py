@@ -519,3 +519,23 @@ def test_chunking_the_batch_holds_one_chunk_of_activations():
     stream_peak = memcompile.measure(streamed, repeat=1, method="allocator").peak_bytes
     eager_peak = memcompile.measure(eager, repeat=1, method="allocator").peak_bytes
     assert stream_peak < eager_peak / 3, (stream_peak / 2**20, eager_peak / 2**20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefix_causal_attention_equals_rows_of_full_causal_attention(dtype):
+    """Two mask-free kernel calls (the prefix, then a square causal block) merged by their
+    log-sum-exps, and their backward, against full causal attention with grouped heads."""
+    from memcompile.runtime.chunk_attention import prefix_causal_attention
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, h, 10, 8, dtype=dtype, generator=gen).requires_grad_()
+               for h in (4, 2, 2))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn(full.shape, dtype=dtype, generator=gen)
+    expected = torch.autograd.grad(full[:, :, 3:7], (q, k, v), grad[:, :, 3:7])
+    out, _ = prefix_causal_attention(q[:, :, 3:7], k[:, :, :7], v[:, :, :7])
+    got = torch.autograd.grad(out, (q, k, v), grad[:, :, 3:7])
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out, full[:, :, 3:7], rtol=0, atol=tol)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol)
