@@ -7,6 +7,9 @@ checkpointing's at the longest length; and the longest length the line puts unde
 (2 GiB by default), relative to checkpointing's. Prints a markdown table.
 
     python benchmarks/stream_fit.py benchmarks/results/stream-cpu/wide/results.json --limit-gib 2
+
+Several results files merge: a later file's row replaces an earlier one's of the same mode and
+length (a mode re-measured after a change), and the table lists each file's command.
 """
 
 from __future__ import annotations
@@ -65,12 +68,19 @@ def table(results: dict, limit_bytes: float, reference: str = "checkpoint") -> s
 def main() -> None:
     """Print the fitted table for one results file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+")
     parser.add_argument("--limit-gib", type=float, default=2.0)
     args = parser.parse_args()
-    with open(args.results) as f:
-        results = json.load(f)
-    print(table(results, args.limit_gib * 2**30))
+    merged: dict = {"rows": [], "modes": []}
+    for path in args.results:
+        with open(path) as f:
+            results = json.load(f)
+        replaced = {(r["mode"], r["seq_len"]) for r in results["rows"]}
+        merged["rows"] = [r for r in merged["rows"]
+                          if (r["mode"], r["seq_len"]) not in replaced] + results["rows"]
+        merged["modes"] += [m for m in results["modes"] if m not in merged["modes"]]
+        print(f"`{results['command']}`\n")
+    print(table(merged, args.limit_gib * 2**30))
 
 
 if __name__ == "__main__":

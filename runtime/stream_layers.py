@@ -125,12 +125,23 @@ def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:
     return runner.region.keys_values == "once" and bool(runner.boundary) and chunk < runner.length
 
 
-def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any]
-                    ) -> dict[fx.Node, torch.Tensor]:
-    """Attention's keys and values over the whole length, without autograd."""
+def _boundary_whole(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node, Any],
+                    chunk: int) -> dict[fx.Node, torch.Tensor]:
+    """Attention's keys and values over the whole length, without autograd, computed a chunk
+    at a time (what makes them, a norm and projections, is token-local): the whole-length
+    buffers are the keys and values alone."""
+    info = runner.info
+    keys_values = {n: torch.empty(n.meta["val"].shape, dtype=n.meta["val"].dtype,
+                                  device=x.device) for n in runner.boundary}
+    x_seq = info.dim_of(runner.region.input)
     with torch.no_grad():
-        return runner.run(x, 0, runner.length, whole, only=runner.once,
-                          keep=list(runner.boundary), x_start=0)
+        for start, end in chunks(runner.length, chunk):
+            part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
+                              only=runner.once, keep=list(runner.boundary),
+                              prefix_from_zero=False)
+            for node, value in part.items():
+                write_rows(keys_values[node], info.dim_of(node), start, value, add=False)
+    return keys_values
 
 
 def _chunk_inputs(runner: ChunkRunner, boundary: dict[fx.Node, torch.Tensor], start: int,
@@ -153,7 +164,7 @@ def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node
     val = output.meta["val"]
     out = torch.empty(val.shape, dtype=val.dtype, device=x.device)
     x_seq, out_seq = runner.info.dim_of(region.input), runner.info.dim_of(output)
-    boundary = _boundary_whole(runner, x, whole)
+    boundary = _boundary_whole(runner, x, whole, chunk)
     for start, end in chunks(runner.length, chunk):
         part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
                           preset=_chunk_inputs(runner, boundary, start, end, grad=False),
@@ -176,7 +187,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
     out_seq = info.dim_of(region.outputs[0])
     # A copy of the side values: what this computes without autograd from the parameters
     # (transposed weights) must not stand in for the leaves' versions in the chunks below.
-    boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole))
+    boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole), chunk)
     sums = {n: torch.zeros_like(v) for n, v in boundary.items()}
     for start, end in chunks(runner.length, chunk):
         with torch.enable_grad():
