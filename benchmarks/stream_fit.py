@@ -8,8 +8,8 @@ checkpointing's at the longest length; and the longest length the line puts unde
 
     python benchmarks/stream_fit.py benchmarks/results/stream-cpu/wide/results.json --limit-gib 2
 
-Several results files merge: a later file's row replaces an earlier one's of the same mode and
-length (a mode re-measured after a change), and the table lists each file's command.
+Several results files merge: a later file's rows of a mode replace every earlier row of that
+mode (a mode re-measured after a change), and the table lists each file's command.
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def main() -> None:
     for path in args.results:
         with open(path) as f:
             results = json.load(f)
-        replaced = {(r["mode"], r["seq_len"]) for r in results["rows"]}
-        merged["rows"] = [r for r in merged["rows"]
-                          if (r["mode"], r["seq_len"]) not in replaced] + results["rows"]
+        replaced = {r["mode"] for r in results["rows"]}
+        merged["rows"] = [r for r in merged["rows"] if r["mode"] not in replaced] + results["rows"]
         merged["modes"] += [m for m in results["modes"] if m not in merged["modes"]]
         print(f"`{results['command']}`\n")
     print(table(merged, args.limit_gib * 2**30))

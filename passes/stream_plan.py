@@ -14,6 +14,10 @@ The graph is read, never the model's classes (`analysis.sequence` supplies the f
   reductions over the sequence (the loss), then a tail on the reduced values. It runs chunk by
   chunk, so the `(T, vocabulary)` logits never exist.
 
+With `stream={"dim": "batch"}` the plan is along the batch instead (`plan_batch`): the
+per-sample part of a graph whose loss couples the samples (a contrastive loss) runs a chunk of
+samples at a time.
+
 A layer holding an op the analysis does not know, or attention that is not over the sequence,
 is not chunked; the report says which op and why. A head whose non-scalar values are graph
 outputs (a model that returns its logits) is not chunked either: those values must exist whole.
