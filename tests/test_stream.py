@@ -182,9 +182,19 @@ def _policy_batch(batch_size=4, length=19):
     return ids, labels, gen
 
 
-def _head_region(records):
+def _assert_policy_loss_exact(loss_of, ids, labels, chunk, logits_chunk):
+    """One streamed step of `loss_of(model, batch)` against eager, in float64, and the head
+    chunked."""
+    model = _tiny()
+    ref = clone_model(model)
+    batch = {"input_ids": ids, "labels": labels}
+    options = {"runtime": "eager",
+               "stream": {"chunk_size": chunk, "logits_chunk_size": logits_chunk}}
+    loss, records = _stream_step(model, batch, options, loss_of)
+    err, where = worst_error(loss, _eager_step(ref, batch, loss_of), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
     (record,) = records
-    return record
+    assert any("head: computed" in d.reason for d in record.decisions)
 
 
 def test_dpo_is_exact_in_float64_and_takes_two_passes():
@@ -195,14 +205,7 @@ def test_dpo_is_exact_in_float64_and_takes_two_passes():
         return dpo_loss(model(batch["input_ids"]).logits, batch["labels"], ref_c, ref_r,
                         beta=0.5)
 
-    model = _tiny()
-    ref = clone_model(model)
-    batch = {"input_ids": ids, "labels": labels}
-    options = {"runtime": "eager", "stream": {"chunk_size": 4, "logits_chunk_size": 5}}
-    loss, records = _stream_step(model, batch, options, loss_of)
-    err, where = worst_error(loss, _eager_step(ref, batch, loss_of), model, ref)
-    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
-    assert any("head: computed" in d.reason for d in _head_region(records).decisions)
+    _assert_policy_loss_exact(loss_of, ids, labels, chunk=4, logits_chunk=5)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -216,14 +219,7 @@ def test_grpo_is_exact_in_float64(beta):
         return grpo_loss(model(batch["input_ids"]).logits, batch["labels"], advantages, old,
                          ref_logps, beta=beta)
 
-    model = _tiny()
-    ref = clone_model(model)
-    batch = {"input_ids": ids, "labels": labels}
-    options = {"runtime": "eager", "stream": {"chunk_size": 6, "logits_chunk_size": 4}}
-    loss, records = _stream_step(model, batch, options, loss_of)
-    err, where = worst_error(loss, _eager_step(ref, batch, loss_of), model, ref)
-    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
-    assert any("head: computed" in d.reason for d in _head_region(records).decisions)
+    _assert_policy_loss_exact(loss_of, ids, labels, chunk=6, logits_chunk=4)
 
 
 def test_affine_losses_take_one_pass_and_dpo_two():
