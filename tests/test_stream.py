@@ -1,10 +1,9 @@
 """StreamBP (`options={"stream": ...}`): the sequence analysis, the plan, and exact gradients.
 
 Structure on small traced functions; exactness in float64 against eager on the built-in model
-(its norms compute in the input dtype) and GPT-2, and under the float32 rule on Hugging Face
-models whose RMSNorm computes in float32 whatever the model's dtype (chunked sums then round
-at float32's level even in a float64 model); memory by the allocator on a head whose logits
-dominate.
+(its norms compute in the input dtype), GPT-2 and a CLIP-style dual encoder, and under the
+float32 rule on Hugging Face models whose RMSNorm computes in float32 whatever the model's
+dtype; memory by the allocator where the logits or a batch's activations dominate.
 """
 
 from __future__ import annotations
@@ -13,13 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    FLOAT32_FLOOR,
     FLOAT64_TOL,
     clone_inputs,
     clone_model,
     float32_tolerance,
-    grad_errors,
-    relative_error,
     worst_error,
 )
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -285,29 +281,14 @@ def _check_hf_record(records, model):
 
 @pytest.mark.parametrize("arch,padding", [
     ("llama", None), ("llama", "left"), ("llama", "right"), ("qwen2", "right"),
-    ("qwen3", None), ("mistral", "left"),
+    ("qwen3", None), ("mistral", "left"), ("gemma", None), ("gemma", "left"),
 ])
-def test_hf_models_stream_exactly_in_float64(arch, padding):
-    """Gradients to 1e-10. transformers computes the loss itself in float32 (it casts the
-    logits), so the loss is held to the float32 floor: chunks sum it in another order."""
-    model = build_hf_model(arch, dtype=torch.float64, seed=0)
-    ref = clone_model(model)
-    batch = _hf_batch(padding)
-    options = {"runtime": "eager", "stream": {"chunk_size": 5, "logits_chunk_size": 4}}
-    loss, records = _stream_step(model, clone_inputs(batch), options)
-    ref_loss = _eager_step(ref, clone_inputs(batch))
-    errors = grad_errors(model, ref)
-    where = max(errors, key=errors.get)
-    assert errors[where] <= FLOAT64_TOL, f"{arch}: {errors[where]:.3e} at {where}"
-    assert relative_error(loss, ref_loss) <= FLOAT32_FLOOR
-    _check_hf_record(records, model)
-
-
-@pytest.mark.parametrize("padding", [None, "left"])
-def test_gemma_streams_within_the_float32_rule(padding):
-    """Gemma's RMSNorm computes in float32 whatever the model's dtype, so chunked sums round at
-    float32's level even in float64: it is held to the float32 rule."""
-    eager32 = build_hf_model("gemma", dtype=torch.float32, seed=0)
+def test_hf_models_stream_within_the_float32_rule(arch, padding):
+    """These models' RMSNorm computes in float32 whatever the model's dtype. A streamed layer
+    backpropagates the norm twice (for the queries' rows in each chunk, and once more for the
+    keys' and values' gradient sums), so its float32 rounding differs from eager's single pass
+    (4e-8 relative in a float64 model): they are held to the float32 rule."""
+    eager32 = build_hf_model(arch, dtype=torch.float32, seed=0)
     ref64 = clone_model(eager32, dtype=torch.float64)
     model = clone_model(eager32)
     batch = _hf_batch(padding)
@@ -318,7 +299,7 @@ def test_gemma_streams_within_the_float32_rule(padding):
     err, where = worst_error(loss, loss64, model, ref64)
     eager_err, _ = worst_error(loss32, loss64, eager32, ref64)
     assert err <= float32_tolerance(eager_err), (
-        f"worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+        f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
     _check_hf_record(records, model)
 
 
