@@ -89,7 +89,7 @@ class StreamHead(torch.autograd.Function):
         one_pass = (region.affine_tail and len(region.outputs) == 1
                     and any(ctx.needs_input_grad[1:]))
         if one_pass:
-            grads = _HeadGrads(runner, x, list(side))
+            grads = RegionGrads(runner, x, list(side))
             with torch.enable_grad():
                 fill_whole(runner, grads.whole)
                 zeros = {n: _zeros_like_meta(n) for n in region.reductions}
@@ -124,17 +124,13 @@ class StreamHead(torch.autograd.Function):
         runner: ChunkRunner = ctx.runner
         x, *tensors = ctx.saved_tensors
         side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
-        grads = _HeadGrads(runner, x, side)
+        grads = RegionGrads(runner, x, side)
         with torch.enable_grad():
             fill_whole(runner, grads.whole)
             reduced = {k: _float_leaves(v) for k, v in ctx.reduced.items()}
             seeds = _reduction_seeds(runner, reduced, grads.whole, list(grad_outputs))
         _head_backward_pass(grads, seeds)
         return (None, grads.result(), *grads.side)
-
-
-class _HeadGrads(RegionGrads):
-    """The head's backward state (the same as a layer's)."""
 
 
 def _zeros_like_meta(node: fx.Node) -> Any:
