@@ -59,6 +59,10 @@ class StreamOptions:
     """Consecutive layers that share one saved input: 1 saves every layer's input; `g` saves
     every `g`-th and re-runs the forward of the others in the backward (fewer whole-length
     buffers, up to one more forward of compute)."""
+    checkpoints: int | Literal["auto"] = "auto"
+    """The most layer inputs a run of layers holds at once; the backward recomputes the others
+    from the nearest held one, with the fewest layer forwards (a "revolve" schedule). "auto":
+    every input, or as few as a numeric `memory_budget` needs. At least 2 (1 for one layer)."""
     keys_values: Literal["once", "per_chunk"] = "once"
     """How a layer's backward gets attention's keys and values: "once" computes them over the
     whole length and sums their gradients across chunks; "per_chunk" recomputes them over each
@@ -108,6 +112,7 @@ class Options(metaclass=_RejectUnknownKeys):
         for f in fields(self):
             check = _CHECKS[f.name]
             object.__setattr__(self, f.name, check(getattr(self, f.name)))
+        _check_stream_budget(self.stream, self.memory_budget)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | Options | None) -> Options:
@@ -125,6 +130,22 @@ class Options(metaclass=_RejectUnknownKeys):
     def replace(self, **changes: Any) -> Options:
         """A copy with some fields changed, validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_stream_budget(stream: Any, budget: Any) -> None:
+    """Under stream, a numeric budget decides how many layer inputs are held: it cannot be
+    combined with fixing that number by hand."""
+    if not isinstance(stream, StreamOptions):
+        return
+    if stream.checkpoints != "auto" and stream.layers_per_checkpoint > 1:
+        raise OptionsError("stream.checkpoints", "set either checkpoints or "
+                           "layers_per_checkpoint, not both: each decides which layer inputs "
+                           "are kept")
+    fixed = stream.checkpoints != "auto" or stream.layers_per_checkpoint > 1
+    if fixed and budget is not None and budget != "auto":
+        raise OptionsError("memory_budget", f"{budget!r} with stream.checkpoints or "
+                           "stream.layers_per_checkpoint set: under stream a numeric budget "
+                           "decides how many layer inputs are held; set one or the other")
 
 
 def _check_budget(value: Any) -> float | int | str | None:
@@ -174,11 +195,19 @@ def _check_stream(value: Any) -> bool | str | StreamOptions:
             keys_values=_check_keys_values(value.get("keys_values", "once")),
             layers_per_checkpoint=_check_positive("layers_per_checkpoint",
                                                   value.get("layers_per_checkpoint", 1)),
+            checkpoints=_check_checkpoints(value.get("checkpoints", "auto")),
         )
     raise OptionsError(
         "stream", f"got {value!r}; valid: 'auto', True, False, or a dict with keys "
-        "chunk_size, logits_chunk_size, dim, keys_values, layers_per_checkpoint"
+        "chunk_size, logits_chunk_size, dim, keys_values, layers_per_checkpoint, checkpoints"
     )
+
+
+def _check_checkpoints(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise OptionsError("stream.checkpoints",
+                       f"got {value!r}; valid: 'auto' or a positive int of layer inputs")
 
 
 def _check_positive(key: str, value: Any) -> int:

@@ -36,6 +36,9 @@ import torch.fx as fx
 from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import Decision, record_decision, record_note
+from memcompile.passes.stream_memory import checkpoints_for, estimate, runs_of_layers
+from memcompile.passes.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
+                                               reversal)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,15 @@ class StreamPlan:
     notes: list[str] = field(default_factory=list)
     layers_per_checkpoint: int = 1
     """Consecutive layers sharing one saved input (`StreamOptions.layers_per_checkpoint`)."""
+    checkpoints: int | None = None
+    """The most layer inputs a run of layers holds at once (from `memory_budget`); None: every
+    layer's input is kept."""
+
+    def reversal(self, n: int) -> Reversal:
+        """How the backward of a run of `n` consecutive layers gets their inputs back."""
+        if self.layers_per_checkpoint > 1:
+            return groups_reversal(n, self.layers_per_checkpoint)
+        return reversal(n, max(self.checkpoints or n, least_checkpoints(n)))
 
     @property
     def layers(self) -> list[Region]:
@@ -425,8 +437,39 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
         record_note(gm, STREAM_PASS, "nothing to chunk: " + "; ".join(plan.notes or [
             "no attention over the sequence was found"]))
         return None
+    _hold(gm, plan, example_inputs, options)
     _record(gm, plan)
     return plan
+
+
+def _hold(gm: fx.GraphModule, plan: StreamPlan, example_inputs: list[Any],
+          options: Options) -> None:
+    """Decide how many layer inputs a run holds at once (`stream.checkpoints`, else from a
+    numeric `memory_budget`) and record it with the estimated peak."""
+    if not plan.layers:
+        return
+    memory = estimate(plan, [x for x in example_inputs
+                             if isinstance(x, torch.Tensor) and x.requires_grad])
+    given = stream_options(options).checkpoints
+    plan.checkpoints = given if isinstance(given, int) else checkpoints_for(
+        options.memory_budget, memory)
+    kept = set()
+    for run in runs_of_layers(plan.layers):
+        walk = plan.reversal(len(run))
+        kept.update(run[k].input for k in walk.kept_in_forward())
+    walk = plan.reversal(memory.layers)
+    budget = options.memory_budget
+    for k, region in enumerate(plan.layers):
+        kind = "saved" if region.input in kept else "recomputed"
+        record_decision(gm, Decision(
+            STREAM_PASS, kind, region.input.name, _bytes(region.input),
+            f"layer {k}'s input: " + ("kept by the forward" if kind == "saved" else
+                                      "rebuilt in the backward from an earlier kept input")))
+    record_note(gm, STREAM_PASS, (
+        f"layer inputs: at most {walk.held()} of {memory.layers} held at once; the backward "
+        f"recomputes {walk.recomputed()} layer forwards to get the others back; estimated peak "
+        f"{memory.peak(walk.held()):,} bytes above the step's start"
+        + (f" (memory_budget {budget!r})" if budget not in (None, "auto") else "")))
 
 
 def _plan_head(gm: fx.GraphModule, nodes: list[fx.Node], last: int, activations: set[fx.Node],
@@ -469,8 +512,8 @@ def _record(gm: fx.GraphModule, plan: StreamPlan) -> None:
     for k, region in enumerate(plan.layers):
         record_decision(gm, Decision(
             STREAM_PASS, "chunked", region.outputs[0].name, _bytes(region.input),
-            f"layer {k}: only its input {region.input.name} is saved; the backward re-runs it "
-            f"{region.chunk_size} queries at a time, "
+            f"layer {k}: nothing inside it is saved; the backward re-runs it from its input "
+            f"{region.input.name}, {region.chunk_size} queries at a time, "
             + ("keys and values computed once over the whole length"
                if region.keys_values == "once" else "keys and values over each chunk's prefix")))
     head = plan.head

@@ -23,37 +23,68 @@ _BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 class PrefixCausalAttention(torch.autograd.Function):
     """`(out, logsumexp)` of queries `(B, H, c, D)` over keys and values `(B, Hkv, e, D)`,
     query `i` seeing keys up to `e - c + i`. The log-sum-exp output carries no gradient (as
-    the kernel's own)."""
+    the kernel's own).
+
+    The backward runs per block of at most `KEY_BLOCK` keys (or the chunk's length), so its
+    transients are block-sized. With `sinks` (two buffers shaped as `k` and `v`), the keys' and
+    values' gradients are added into them and none is returned: a caller summing those
+    gradients over chunks then holds no whole-length gradient per chunk.
+    """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = k.shape[2] - q.shape[2]
-        out_p, lse_p = _FORWARD(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False, scale=scale)
-        out_d, lse_d = _FORWARD(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True, scale=scale)
-        lse = torch.logaddexp(lse_p, lse_d)
-        out = (out_p * torch.exp(lse_p - lse).unsqueeze(-1)
-               + out_d * torch.exp(lse_d - lse).unsqueeze(-1)).to(q.dtype)
+        out, lse = _FORWARD(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True, scale=scale)
+        if prefix:
+            out_p, lse_p = _FORWARD(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False,
+                                    scale=scale)
+            merged = torch.logaddexp(lse_p, lse)
+            out = (out_p * torch.exp(lse_p - merged).unsqueeze(-1)
+                   + out * torch.exp(lse - merged).unsqueeze(-1)).to(q.dtype)
+            lse = merged
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.sinks = scale, sinks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        prefix = k.shape[2] - q.shape[2]
+        queries, keys = q.shape[2], k.shape[2]
         grad_out = grad_out.contiguous()
-        dq_p, dk_p, dv_p = _BACKWARD(grad_out, q, k[:, :, :prefix], v[:, :, :prefix], out, lse,
-                                     0.0, False, scale=ctx.scale)
-        dq_d, dk_d, dv_d = _BACKWARD(grad_out, q, k[:, :, prefix:], v[:, :, prefix:], out, lse,
-                                     0.0, True, scale=ctx.scale)
-        return dq_p + dq_d, torch.cat((dk_p, dk_d), 2), torch.cat((dv_p, dv_d), 2), None
+        grad_k, grad_v = ctx.sinks or (torch.zeros_like(k), torch.zeros_like(v))
+        grad_q = None
+        # With the merged output and log-sum-exp, the kernel's backward over a block of keys
+        # gives that block's exact share: the softmax's normalizer is the merged one.
+        for a, b, causal in _key_blocks(keys - queries, keys, max(queries, KEY_BLOCK)):
+            dq, dk, dv = _BACKWARD(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse, 0.0,
+                                   causal, scale=ctx.scale)
+            grad_q = dq if grad_q is None else grad_q.add_(dq)
+            grad_k[:, :, a:b].add_(dk)
+            grad_v[:, :, a:b].add_(dv)
+        if ctx.sinks is not None:
+            return grad_q, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None
+
+
+KEY_BLOCK = 1024
+"""Keys per call of the kernel's backward over the visible prefix."""
+
+
+def _key_blocks(prefix: int, keys: int, block: int) -> list[tuple[int, int, bool]]:
+    """`[a, b)` key ranges: the visible prefix in blocks, then the causal diagonal block."""
+    ranges = [(a, min(a + block, prefix), False) for a in range(0, prefix, block)]
+    return ranges + [(prefix, keys, True)]
 
 
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])`."""
-    if k.shape[2] == q.shape[2]:
+                            scale: float | None = None,
+                            sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])`; with
+    `sinks`, the keys' and values' gradients are added into them (`PrefixCausalAttention`)."""
+    if k.shape[2] == q.shape[2] and sinks is None:
         return _FORWARD(q, k, v, 0.0, True, scale=scale)
-    return PrefixCausalAttention.apply(q, k, v, scale)
+    return PrefixCausalAttention.apply(q, k, v, scale, sinks)

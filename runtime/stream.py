@@ -114,8 +114,8 @@ class ChunkRunner:
             reduce_hook: Callable[[fx.Node, tuple, dict], Any] | None = None,
             preset: dict[fx.Node, tuple[Any, int]] | None = None,
             only: set[fx.Node] | None = None, keep: Sequence[fx.Node] = (),
-            x_start: int | None = None, prefix_from_zero: bool = True
-            ) -> dict[fx.Node, Any]:
+            x_start: int | None = None, prefix_from_zero: bool = True,
+            sinks: dict[fx.Node, torch.Tensor] | None = None) -> dict[fx.Node, Any]:
         """Evaluate the region's nodes for queries `[start, end)`; return those in `keep`.
 
         `x` is the region's input over `[x_start, end)` (by default `[self.start_of(input,
@@ -124,6 +124,8 @@ class ChunkRunner:
         computed, each with where its range starts; `only` limits the nodes evaluated.
         `prefix_from_zero=False` computes the nodes keys and values are made from on the chunk
         only (for the token-local part of a layer, `only=self.once`).
+        `sinks` maps preset keys and values to buffers of their shape that attention adds their
+        gradients into, instead of returning them through autograd (where the kernel allows).
         `reduce_hook(node, args, kwargs)` evaluates a reduction over the sequence (the head's);
         the tail after the reductions (`region.tail`) is left to the caller. Each value is
         dropped after its last reader, so a whole-length run without autograd holds no more
@@ -157,7 +159,7 @@ class ChunkRunner:
                 if reduce_hook is not None and node in self.region.reductions:
                     env[node] = reduce_hook(node, args, kwargs)
                 elif self._over_sequence(node):
-                    env[node] = self._attention(node, args, kwargs, first, end)
+                    env[node] = self._attention(node, args, kwargs, first, end, sinks)
                 else:
                     target = node.target
                     if target in _SIZE_ARG_OPS:
@@ -240,7 +242,8 @@ class ChunkRunner:
             sizes[seq.dim] = seq.outer * (end - first) * seq.inner
         return sizes
 
-    def _attention(self, node: fx.Node, args: tuple, kwargs: dict, first: int, end: int) -> Any:
+    def _attention(self, node: fx.Node, args: tuple, kwargs: dict, first: int, end: int,
+                   sinks: dict[fx.Node, torch.Tensor] | None = None) -> Any:
         """Attention for queries `[first, end)` over keys `[0, end)`, causal at the lower right.
 
         The CPU kernel runs it as two calls without a mask (`chunk_attention`). Other kernels
@@ -255,7 +258,10 @@ class ChunkRunner:
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
         if node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            return prefix_causal_attention(q, k, v, kwargs.get("scale"))
+            k_node, v_node = node.args[1:3]
+            pair = (sinks[k_node], sinks[v_node]) if (
+                sinks and k_node in sinks and v_node in sinks) else None
+            return prefix_causal_attention(q, k, v, kwargs.get("scale"), pair)
         args[4] = False
         block = max(1, min(queries, MASK_BYTES // (end * q.element_size())))
         outs, lses = [], []

@@ -1,5 +1,6 @@
-"""`StreamLayers`: consecutive layers that save one input; their backward re-runs them in
-sequence chunks. Keys and values are computed once per pass (or per chunk over its prefix)."""
+"""`StreamLayers`: a run of consecutive layers that keeps some of their inputs (a `Reversal`);
+its backward re-runs each layer in sequence chunks. Keys and values are computed once per pass
+(or per chunk over its prefix)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memcompile.passes.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_tail import fill_whole
@@ -17,47 +19,73 @@ log = logging.getLogger(__name__)
 
 
 class StreamLayers(torch.autograd.Function):
-    """Consecutive layers that save only the first one's input.
+    """A run of consecutive layers that keeps some of their inputs: those `reversal` keeps in
+    the forward (every one by default).
 
-    The forward runs each layer chunk by chunk without autograd. The backward re-runs the
-    forward of all but the last to get their inputs back (none when the group is one layer),
-    then, last layer first, re-runs each chunk by chunk with autograd and sums the chunks'
-    gradients. `side` holds every layer's side inputs, in `group_side(runners)`'s order.
+    The forward runs each layer chunk by chunk without autograd. The backward walks
+    `reversal`: it re-runs the forward of layers whose input was not kept (holding no more
+    inputs at once than the reversal allows), and re-runs each layer, last first, chunk by chunk
+    with autograd, summing the chunks' gradients. `side` holds every layer's side inputs, in
+    `group_side(runners)`'s order.
     """
 
     @staticmethod
-    def forward(ctx: Any, runners: list[ChunkRunner], x: torch.Tensor, *side: Any
-                ) -> torch.Tensor:
+    def forward(ctx: Any, runners: list[ChunkRunner], reversal: Reversal, x: torch.Tensor,
+                *side: Any) -> torch.Tensor:
         values = dict(zip(group_side(runners), side))
-        ctx.chunks = []
+        kept = set(reversal.kept_in_forward())
+        # Kept inputs live on ctx, not in save_for_backward: the backward drops each as soon as
+        # its part of the reversal is done, instead of at the end of the whole run.
+        ctx.states, ctx.chunks = {}, []
         h = x
-        for runner in runners:
+        for i, runner in enumerate(runners):
+            if i in kept:
+                ctx.states[i] = h
             h, chunk = layer_forward(runner, h, values)
             ctx.chunks.append(chunk)
-        ctx.runners = runners
+        ctx.runners, ctx.reversal = runners, reversal
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
-        ctx.save_for_backward(x, *(t if isinstance(t, torch.Tensor) else None for t in side))
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in side))
         return h
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        runners: list[ChunkRunner] = ctx.runners
-        x, *tensors = ctx.saved_tensors
-        side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
-        order = group_side(runners)
-        values = dict(zip(order, side))
-        inputs = [x]
-        for runner in runners[:-1]:  # the inputs not saved, rebuilt from the first
-            inputs.append(layer_forward(runner, inputs[-1], values)[0])
-        totals: dict[fx.Node, torch.Tensor | None] = {}
-        grad = grad_out
-        for runner, chunk in reversed(list(zip(runners, ctx.chunks))):
-            layer_side = [values[n] for n in runner.region.side_inputs]
-            grads = _layer_backward(runner, inputs.pop(), layer_side, grad, chunk)
-            grad = grads.result()
-            for node, part in zip(runner.region.side_inputs, grads.side):
-                totals[node] = add_into(totals.get(node), part)
-        return (None, grad, *(totals.get(n) for n in order))
+        side = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others)]
+        order = group_side(ctx.runners)
+        walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states)
+        ctx.states = None
+        reversal: Reversal = ctx.reversal
+        grad = walk.reverse(reversal, walk.states.pop(reversal.start), grad_out)
+        return (None, None, grad, *(walk.totals.get(n) for n in order))
+
+
+class _Walk:
+    """One backward through a run of layers: the inputs still held, the side inputs' gradient
+    sums."""
+
+    def __init__(self, runners: list[ChunkRunner], chunk_sizes: list[int],
+                 values: dict[fx.Node, Any], states: dict[int, torch.Tensor]):
+        self.runners, self.chunk_sizes, self.values, self.states = (
+            runners, chunk_sizes, values, states)
+        self.totals: dict[fx.Node, torch.Tensor | None] = {}
+
+    def reverse(self, part: Reversal, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient at `part`'s input, given the one at its output; `x` is its input."""
+        if not part.split:
+            runner = self.runners[part.start]
+            layer_side = [self.values[n] for n in runner.region.side_inputs]
+            grads = _layer_backward(runner, x, layer_side, grad, self.chunk_sizes[part.start])
+            for node, found in zip(runner.region.side_inputs, grads.side):
+                self.totals[node] = add_into(self.totals.get(node), found)
+            return grads.result()
+        middle = self.states.pop(part.middle, None)
+        if middle is None:  # not kept by the forward: re-run the layers before it
+            middle = x
+            for runner in self.runners[part.start:part.middle]:
+                middle = layer_forward(runner, middle, self.values)[0]
+        grad = self.reverse(part.right, middle, grad)
+        del middle  # held only while the layers after it were reversed
+        return self.reverse(part.left, x, grad)
 
 
 def group_side(runners: list[ChunkRunner]) -> list[fx.Node]:
@@ -194,8 +222,11 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
             x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
             x_part.requires_grad_()
             preset = _chunk_inputs(runner, boundary, start, end, grad=True)
+            sinks = {n: narrow_seq(sums[n], info.dim_of(n), first, end - first)
+                     for n, (_, first) in preset.items()}
             out = runner.run(x_part, start, end, grads.whole, preset=preset,
-                             only=runner.per_chunk, keep=region.outputs, prefix_from_zero=False)
+                             only=runner.per_chunk, keep=region.outputs, prefix_from_zero=False,
+                             sinks=sinks)
             leaves = [leaf for leaf, _ in preset.values()]
             found = torch.autograd.grad(out[region.outputs[0]],
                                         [x_part, *leaves, *grads.targets()],

@@ -8,19 +8,20 @@ from typing import Any
 
 import torch.fx as fx
 
+from memcompile.passes.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead
 from memcompile.runtime.stream_tail import resolve
 
 
-def _groups(runners: list[ChunkRunner], size: int) -> list[list[ChunkRunner]]:
-    """Runs of up to `size` layers, each following the previous one directly; the head alone."""
+def _groups(runners: list[ChunkRunner]) -> list[list[ChunkRunner]]:
+    """Runs of layers, each following the previous one directly; the head alone."""
     groups: list[list[ChunkRunner]] = []
     for runner in runners:
         last = groups[-1] if groups else None
         if (runner.region.kind == "layer" and last and last[-1].region.kind == "layer"
-                and len(last) < size and runner.region.input is last[-1].region.outputs[0]):
+                and runner.region.input is last[-1].region.outputs[0]):
             last.append(runner)
         else:
             groups.append([runner])
@@ -39,8 +40,11 @@ class StreamProgram:
             for node in runner.region.nodes:
                 self.owner[node] = runner
         self.trigger: dict[fx.Node, list[ChunkRunner]] = {}
-        for group in _groups(self.runners, plan.layers_per_checkpoint):
+        self.reversals: dict[int, Reversal] = {}
+        for group in _groups(self.runners):
             self.trigger[group[-1].region.nodes[-1]] = group
+            if group[0].region.kind == "layer":
+                self.reversals[id(group[0])] = plan.reversal(len(group))
         self.trigger_of = {r: node for node, group in self.trigger.items() for r in group}
         self.dies_after = self._lifetimes()
 
@@ -78,12 +82,12 @@ class StreamProgram:
                 env.pop(dead, None)
         raise RuntimeError("stream program: the graph has no output node")
 
-    @staticmethod
-    def _run_region(group: list[ChunkRunner], env: dict[fx.Node, Any]) -> None:
+    def _run_region(self, group: list[ChunkRunner], env: dict[fx.Node, Any]) -> None:
         region = group[0].region
         if region.kind == "layer":
             side = [env[n] for n in group_side(group)]
-            env[group[-1].region.outputs[0]] = StreamLayers.apply(group, env[region.input], *side)
+            env[group[-1].region.outputs[0]] = StreamLayers.apply(
+                group, self.reversals[id(group[0])], env[region.input], *side)
         elif region.kind == "batch":
             outs = StreamBatch.apply(group[0], *(env[n] for n in region.side_inputs))
             for node, value in zip(region.outputs, outs):

@@ -63,10 +63,21 @@ def test_stream_dict_becomes_stream_options():
     ({"keys_values": "twice"}, "stream.keys_values"),
     ({"layers_per_checkpoint": 0}, "stream.layers_per_checkpoint"),
     ({"layers_per_checkpoint": True}, "stream.layers_per_checkpoint"),
+    ({"checkpoints": 0}, "stream.checkpoints"), ({"checkpoints": "few"}, "stream.checkpoints"),
+    ({"checkpoints": 3, "layers_per_checkpoint": 2}, "stream.checkpoints"),
 ])
 def test_bad_stream_values(stream, key):
     with pytest.raises(OptionsError, match=f"memcompile option '{key}'"):
         Options(stream=stream)
+
+
+def test_a_numeric_budget_under_stream_cannot_be_combined_with_fixed_checkpoints():
+    assert Options(stream={"checkpoints": 3}).stream.checkpoints == 3
+    assert Options(stream=True, memory_budget="1GiB").memory_budget == 2**30
+    for fixed in ({"checkpoints": 3}, {"layers_per_checkpoint": 2}):
+        with pytest.raises(OptionsError, match="memory_budget.*set one or the other"):
+            Options(stream=fixed, memory_budget=0.5)
+        assert Options(stream=fixed, memory_budget=None).memory_budget is None
 
 
 def test_pass_names_are_checked_against_the_registry():

@@ -267,7 +267,8 @@ def test_gpt2_layers_stream_exactly_in_float64():
     loss, records = _stream_step(model, clone_inputs(batch), options)
     err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
     assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
-    layers = [d for r in records for d in r.decisions if d.reason.startswith("layer")]
+    layers = [d for r in records for d in r.decisions
+              if d.kind == "chunked" and d.reason.startswith("layer")]
     assert len(layers) == model.config.n_layer
 
 
@@ -496,6 +497,111 @@ def test_chunking_the_batch_holds_one_chunk_of_activations():
     stream_peak = memcompile.measure(streamed, repeat=1, method="allocator").peak_bytes
     eager_peak = memcompile.measure(eager, repeat=1, method="allocator").peak_bytes
     assert stream_peak < eager_peak / 3, (stream_peak / 2**20, eager_peak / 2**20)
+
+
+@pytest.mark.parametrize("checkpoints,keys_values,forwards", [
+    (2, "once", 5 + 6), (3, "once", 5 + 2), (3, "per_chunk", 5 + 2), (4, "once", 5 + 1)])
+def test_holding_fewer_layer_inputs_is_exact_and_recomputes_the_schedule(
+        checkpoints, keys_values, forwards, monkeypatch):
+    """Five layers holding at most `checkpoints` inputs at once. Two: the forward keeps layers
+    0 and 4's inputs, the backward rebuilds 3, 2 and 1's from layer 0's (3 + 2 + 1 forwards);
+    three: it keeps 0, 3 and 4's and rebuilds 1 and 2 (2 forwards); four: 0, 2, 3 and 4's, and
+    rebuilds 1 (1 forward)."""
+    import memcompile.runtime.stream_layers as layers
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=5,
+                         num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).double()
+    ref = clone_model(model)
+    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "labels": _labels(ids)}
+    counted = []
+    layer_forward = layers.layer_forward
+    monkeypatch.setattr(layers, "layer_forward",
+                        lambda *a: counted.append(1) or layer_forward(*a))
+    options = {"runtime": "eager", "stream": {"chunk_size": 4, "keys_values": keys_values,
+                                              "checkpoints": checkpoints}}
+    loss, records = _stream_step(model, clone_inputs(batch), options)
+    err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    assert len(counted) == forwards
+    kinds = [d.kind for d in records[0].decisions if d.kind in ("saved", "recomputed")]
+    assert kinds.count("saved") == {2: 2, 3: 3, 4: 4}[checkpoints]
+    assert len(kinds) == 5
+
+
+def _hidden_dominated_model():
+    """Six layers of hidden 128 with a vocabulary of 64: at 2048 tokens a layer input is
+    1 MiB, the gradients of all weights 2.3 MiB."""
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_layers=6,
+                         num_heads=2, num_kv_heads=1)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def test_memory_budget_picks_the_layer_inputs_held_and_the_estimate_bounds_the_peak():
+    """A numeric budget under stream decides how many layer inputs are held at once. Fewer
+    held gives a lower measured peak, and the estimate each plan reports is above it."""
+    model = _hidden_dominated_model()
+    ids = torch.randint(0, 64, (1, 2048), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    hidden = 2048 * 128 * 4
+    peaks, estimates, held = {}, {}, {}
+    for budget in ("auto", 0.9, 0.82):
+        torch._dynamo.reset()
+        step = torch.compile(lambda b: model(**b).loss, backend="memcompile", options={
+            "runtime": "eager", "stream": {"chunk_size": 256}, "memory_budget": budget})
+        with recording() as records:
+            step(batch).backward()  # compiles
+        model.zero_grad(set_to_none=True)
+        (note,) = [t for p, t in records[0].notes if t.startswith("layer inputs:")]
+        held[budget] = int(note.split("at most ")[1].split(" ")[0])
+        estimates[budget] = int(note.split("estimated peak ")[1].split(" ")[0].replace(",", ""))
+
+        def run():
+            step(batch).backward()
+            model.zero_grad(set_to_none=True)
+        peaks[budget] = memcompile.measure(run, repeat=1, method="tracked").peak_bytes
+    assert held["auto"] == 6 and held[0.9] < 6 and held[0.82] < held[0.9]
+    for budget in peaks:
+        assert peaks[budget] <= estimates[budget], (budget, peaks[budget], estimates[budget])
+    assert peaks["auto"] > peaks[0.9] > peaks[0.82]
+    # Six held against two: the peak falls by more than two whole hidden states (at the
+    # least peak one of the four is the rebuilt input of the layer being reversed).
+    assert peaks["auto"] - peaks[0.82] >= 2 * hidden
+
+
+def test_a_budget_below_the_least_stream_estimate_is_refused():
+    model = _hidden_dominated_model()
+    ids = torch.randint(0, 64, (1, 512))
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: model(**b).loss, backend="memcompile", options={
+        "runtime": "eager", "stream": True, "memory_budget": "1MiB"})
+    with pytest.raises(Exception, match="MemoryBudgetError.*holding 2 of 6 layer inputs"):
+        step({"input_ids": ids, "labels": ids})
+
+
+def test_keys_values_gradients_go_into_sinks_block_by_block(monkeypatch):
+    """With sinks, the keys' and values' gradients are added into them a key block at a time
+    (blocks of 3 here) and none is returned; they equal autograd's through full attention."""
+    import memcompile.runtime.chunk_attention as chunk_attention
+
+    monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 3)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 12, 8, dtype=torch.float64, generator=gen).requires_grad_()
+               for h in (4, 2, 2))
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn(full.shape, dtype=torch.float64, generator=gen)
+    expected = torch.autograd.grad(full[:, :, 10:12], (q, k, v), grad[:, :, 10:12])
+    sinks = (torch.ones_like(k), torch.ones_like(v))  # sums already holding something
+    out, _ = chunk_attention.prefix_causal_attention(q[:, :, 10:12], k, v, None, sinks)
+    grad_q, grad_k, grad_v = torch.autograd.grad(out, (q, k, v), grad[:, :, 10:12],
+                                                 allow_unused=True)
+    assert grad_k is None and grad_v is None
+    torch.testing.assert_close(grad_q, expected[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(sinks[0] - 1, expected[1], rtol=0, atol=1e-14)
+    torch.testing.assert_close(sinks[1] - 1, expected[2], rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -26,6 +26,9 @@ Modes:
   options={"stream": True, ...})` (the loss alone is compiled, so the logits need not exist
   whole; `--options` may carry a `stream` dict with chunk sizes).
 - `stream_g<g>`: StreamBP saving every `g`-th layer's input (`layers_per_checkpoint` g).
+- `stream_c<c>`: StreamBP holding at most `c` layer inputs at once (`checkpoints` c), the others
+  recomputed in the backward with the fewest layer forwards: what a numeric `memory_budget`
+  picks under stream.
 - `mcbudget_<x>`: memcompile with `memory_budget` = x set over `--options`: a float in (0, 1]
   (a fraction of the save-everything plan's peak), `auto` or `none` (`mcbudget_0.5`,
   `mcbudget_auto`). A budget below the least peak memcompile's planner reaches is a row with

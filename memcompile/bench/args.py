@@ -15,7 +15,8 @@ FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile", "stream")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
     "eager, checkpoint, inductor, memcompile, stream, stream_g<layers per saved input> "
-    "(e.g. stream_g2), budget_<float in [0, 1]> (e.g. budget_0.5), "
+    "(e.g. stream_g2), stream_c<layer inputs held at once> (e.g. stream_c3), "
+    "budget_<float in [0, 1]> (e.g. budget_0.5), "
     "mcbudget_<float in (0, 1]>, mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
 )
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -24,6 +25,7 @@ _BUDGET_RE = re.compile(r"^budget_(.+)$")
 _MC_BUDGET_RE = re.compile(r"^mcbudget_(.+)$")
 _MC_BUDGET_WORDS = {"auto": "auto", "none": None}
 _STREAM_GROUP_RE = re.compile(r"^stream_g([1-9][0-9]*)$")
+_STREAM_CHECKPOINTS_RE = re.compile(r"^stream_c([1-9][0-9]*)$")
 
 
 def parse_seq_lens(text: str) -> list[int]:
@@ -82,12 +84,15 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
 
 
 def stream_options_of(mode: str) -> dict[str, Any] | None:
-    """The stream options of `stream` ({}) and `stream_g<g>` (`layers_per_checkpoint` g), or
-    None for any other mode."""
+    """The stream options of `stream` ({}), `stream_g<g>` (`layers_per_checkpoint` g) and
+    `stream_c<c>` (`checkpoints` c), or None for any other mode."""
     if mode == "stream":
         return {}
-    match = _STREAM_GROUP_RE.match(mode)
-    return {"layers_per_checkpoint": int(match.group(1))} if match else None
+    if match := _STREAM_GROUP_RE.match(mode):
+        return {"layers_per_checkpoint": int(match.group(1))}
+    if match := _STREAM_CHECKPOINTS_RE.match(mode):
+        return {"checkpoints": int(match.group(1))}
+    return None
 
 
 def is_budget_mode(mode: str) -> bool:

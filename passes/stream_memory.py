@@ -1,0 +1,128 @@
+"""How many layer inputs a stream plan may hold at once under `memory_budget`.
+
+The stream runtime's peak is estimated from the plan, not simulated op by op: its chunk loops
+run eagerly, outside any graph. At the traced length, the step holds at once
+
+- the parameters' gradients (they accumulate through the backward),
+- the layer inputs the reversal holds (`c` of them, `stream_schedule`),
+- a layer's whole-length values built from the inputs alone (rotary tables),
+- one chunk's working values (everything a layer chunk or a head chunk computes), and
+- in a forward, two more hidden states (a layer's input and output, or the head's input and
+  its gradient) and attention's keys and values;
+- in a backward, one more hidden state (a layer's output and input gradients share a buffer),
+  attention's keys and values and their gradient sums (the kernel adds into those).
+
+Every term is a bound on what the runtime holds, so the estimate sits above the measured peak
+(see BENCHMARKS.md, "StreamBP with a budget", for both side by side). A float budget is a fraction
+of the estimate for keeping every layer input, the stream plan that recomputes least.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memcompile.analysis.sequence import ATTENTION_OPS
+from memcompile.errors import MemoryBudgetError
+from memcompile.passes.stream_schedule import least_checkpoints
+
+
+@dataclass(frozen=True)
+class StreamMemory:
+    """The terms of a stream plan's estimated peak, in bytes at the traced length."""
+
+    gradients: int
+    """The parameters' gradients."""
+    hidden: int
+    """One layer input (a whole-length hidden state)."""
+    keys_values: int
+    """The largest layer's keys and values."""
+    tables: int
+    """The largest layer's whole-length values built from the inputs alone."""
+    layer_chunk: int
+    """What one chunk of the largest layer computes."""
+    head_chunk: int
+    """What one chunk of the head computes."""
+    layers: int
+    """Layers in the longest run of consecutive layers."""
+
+    def peak(self, checkpoints: int) -> int:
+        """The estimated peak when a run holds at most `checkpoints` layer inputs at once."""
+        held = min(checkpoints, self.layers)
+        forward = (held + 2) * self.hidden + self.keys_values
+        backward = (held + 1) * self.hidden + 2 * self.keys_values
+        return (self.gradients + self.tables + max(self.layer_chunk, self.head_chunk)
+                + max(forward, backward))
+
+
+def estimate(plan: Any, parameters: list[torch.Tensor]) -> StreamMemory:
+    """The peak's terms for `plan`, whose graph was traced with `parameters` as inputs."""
+    layers = plan.layers
+    head = plan.head
+    return StreamMemory(
+        gradients=sum(p.numel() * p.element_size() for p in parameters if p.requires_grad),
+        hidden=max((_bytes(r.input) for r in layers), default=0),
+        keys_values=max((_keys_values(r) for r in layers), default=0),
+        tables=max((_tables(r, plan) for r in layers), default=0),
+        layer_chunk=max((_chunk_bytes(r, plan) for r in layers), default=0),
+        head_chunk=_chunk_bytes(head, plan) if head is not None else 0,
+        layers=max((len(run) for run in runs_of_layers(layers)), default=0),
+    )
+
+
+def checkpoints_for(budget: Any, memory: StreamMemory) -> int | None:
+    """The most layer inputs a run may hold at once under `budget` (`Options.memory_budget`);
+    None when every input may be kept (no numeric budget). Raises `MemoryBudgetError` with the
+    least estimated peak when even the fewest cannot meet it."""
+    if budget is None or budget == "auto" or memory.layers == 0:
+        return None
+    n = memory.layers
+    limit = int(budget * memory.peak(n)) if isinstance(budget, float) else int(budget)
+    fitting = [c for c in range(least_checkpoints(n), n + 1) if memory.peak(c) <= limit]
+    if not fitting:
+        least = memory.peak(least_checkpoints(n))
+        raise MemoryBudgetError(
+            limit, least, f"stream: the estimated peak holding {least_checkpoints(n)} of "
+            f"{n} layer inputs at once; a shorter sequence or smaller chunks lower it")
+    return max(fitting)
+
+
+def runs_of_layers(layers: list[Any]) -> list[list[Any]]:
+    """Layer regions grouped into runs, each layer's input the previous one's output."""
+    runs: list[list[Any]] = []
+    for region in layers:
+        if runs and region.input is runs[-1][-1].outputs[0]:
+            runs[-1].append(region)
+        else:
+            runs.append([region])
+    return runs
+
+
+def _keys_values(region: Any) -> int:
+    inside = set(region.nodes)
+    return sum(_bytes(arg) for node in region.nodes if node.target in ATTENTION_OPS
+               for arg in node.args[1:3] if isinstance(arg, fx.Node) and arg in inside)
+
+
+def _tables(region: Any, plan: Any) -> int:
+    """Bytes of the values a layer builds from the inputs alone, views excluded; each call
+    keeps them whole while it runs."""
+    return sum(_bytes(n) for n in region.nodes if n not in plan.activations
+               and isinstance(n.meta.get("val"), torch.Tensor) and not n.meta["val"]._is_view())
+
+
+def _chunk_bytes(region: Any, plan: Any) -> int:
+    """What a chunk of `region` computes: its whole-length values' bytes, scaled to the chunk."""
+    length = plan.info.length
+    chunk = min(region.chunk_size or length, length)
+    whole = sum(_bytes(n) for n in region.nodes
+                if n in plan.activations and n not in region.prefix and plan.info.dim_of(n))
+    return whole * chunk // max(length, 1)
+
+
+def _bytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
