@@ -77,7 +77,7 @@ def reversal(n: int, checkpoints: int) -> Reversal:
     if n < 1:
         raise ValueError(f"a reversal needs at least one layer, got {n}")
     c = min(checkpoints, n)
-    if _top_cost(n, c) == _NEVER:
+    if _cost(n, c, top=True) == _NEVER:
         raise ValueError(f"{n} layers cannot be reversed holding {checkpoints} input(s) at once; "
                          "valid: at least 2 (or 1 for a single layer)")
     return _build(0, n, c, top=True)
@@ -113,33 +113,23 @@ def _shift(r: Reversal, by: int) -> Reversal:
 
 
 @functools.lru_cache(maxsize=None)
-def _cost(n: int, c: int) -> float:
-    """Fewest layer forwards to reverse `n` layers from a held input, holding at most `c`."""
+def _cost(n: int, c: int, top: bool = False) -> float:
+    """Fewest layer forwards to reverse `n` layers from a held input, holding at most `c`.
+    `top`: the forward has just run, so the states along the right spine come for free."""
     if n == 1:
         return 0 if c >= 1 else _NEVER
     if c < 2:
         return _NEVER
-    return min(k + _cost(n - k, c - 1) + _cost(k, c) for k in range(1, n))
-
-
-@functools.lru_cache(maxsize=None)
-def _top_cost(n: int, c: int) -> float:
-    """As `_cost`, when the forward has just run: the right spine's states come for free."""
-    if n == 1:
-        return 0 if c >= 1 else _NEVER
-    if c < 2:
-        return _NEVER
-    return min(_top_cost(n - k, c - 1) + _cost(k, c) for k in range(1, n))
+    return min((0 if top else k) + _cost(n - k, c - 1, top) + _cost(k, c) for k in range(1, n))
 
 
 def _build(start: int, stop: int, c: int, top: bool) -> Reversal:
     n = stop - start
     if n == 1:
         return Reversal(start, stop)
-    cost = _top_cost if top else _cost
     # Among equally cheap splits, the largest: the held state sits late, and the left part,
     # reversed from the segment's input, is where any further recompute happens.
     best = min(range(1, n), key=lambda k: (
-        (0 if top else k) + cost(n - k, c - 1) + _cost(k, c), -k))
+        (0 if top else k) + _cost(n - k, c - 1, top) + _cost(k, c), -k))
     return Reversal(start, stop, best, right=_build(start + best, stop, c - 1, top),
                     left=_build(start, start + best, c, False))

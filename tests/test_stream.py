@@ -394,12 +394,9 @@ def test_is_causal_mask_reads_boolean_and_additive_masks():
     assert not is_causal_mask(additive)
 
 
-@pytest.mark.parametrize("layers_per_checkpoint,keys_values", [(2, "once"), (3, "once"),
-                                                               (5, "per_chunk")])
-def test_layers_sharing_a_saved_input_are_exact_and_rerun_once(layers_per_checkpoint,
-                                                                  keys_values, monkeypatch):
-    """Five layers; groups of g save one input, and the backward re-runs the forward of the
-    others in each group once: 5 + (layers not first in their group) layer forwards."""
+def _five_layers_counting_forwards(stream, monkeypatch):
+    """Five float64 layers streamed with `stream` options: the worst relative gradient error
+    against eager, the layer forwards run (forward and backward), and the records."""
     import memcompile.runtime.stream_layers as layers
 
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=5,
@@ -409,17 +406,28 @@ def test_layers_sharing_a_saved_input_are_exact_and_rerun_once(layers_per_checkp
     ref = clone_model(model)
     ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(4))
     batch = {"input_ids": ids, "labels": _labels(ids)}
-    forwards = []
+    counted = []
     layer_forward = layers.layer_forward
     monkeypatch.setattr(layers, "layer_forward",
-                        lambda *a: forwards.append(1) or layer_forward(*a))
-    options = {"runtime": "eager", "stream": {"chunk_size": 4, "keys_values": keys_values,
-                                              "layers_per_checkpoint": layers_per_checkpoint}}
-    loss, _ = _stream_step(model, clone_inputs(batch), options)
+                        lambda *a: counted.append(1) or layer_forward(*a))
+    loss, records = _stream_step(model, clone_inputs(batch),
+                                 {"runtime": "eager", "stream": {"chunk_size": 4, **stream}})
     err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
     assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    return len(counted), records
+
+
+@pytest.mark.parametrize("layers_per_checkpoint,keys_values", [(2, "once"), (3, "once"),
+                                                               (5, "per_chunk")])
+def test_layers_sharing_a_saved_input_are_exact_and_rerun_once(layers_per_checkpoint,
+                                                                  keys_values, monkeypatch):
+    """Five layers; groups of g save one input, and the backward re-runs the forward of the
+    others in each group once: 5 + (layers not first in their group) layer forwards."""
+    forwards, _ = _five_layers_counting_forwards(
+        {"keys_values": keys_values, "layers_per_checkpoint": layers_per_checkpoint},
+        monkeypatch)
     groups = -(-5 // layers_per_checkpoint)
-    assert len(forwards) == 5 + (5 - groups)
+    assert forwards == 5 + (5 - groups)
 
 
 # ---- along the batch: a contrastive loss ------------------------------------------------------
@@ -507,25 +515,9 @@ def test_holding_fewer_layer_inputs_is_exact_and_recomputes_the_schedule(
     0 and 4's inputs, the backward rebuilds 3, 2 and 1's from layer 0's (3 + 2 + 1 forwards);
     three: it keeps 0, 3 and 4's and rebuilds 1 and 2 (2 forwards); four: 0, 2, 3 and 4's, and
     rebuilds 1 (1 forward)."""
-    import memcompile.runtime.stream_layers as layers
-
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=5,
-                         num_heads=4, num_kv_heads=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).double()
-    ref = clone_model(model)
-    ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(4))
-    batch = {"input_ids": ids, "labels": _labels(ids)}
-    counted = []
-    layer_forward = layers.layer_forward
-    monkeypatch.setattr(layers, "layer_forward",
-                        lambda *a: counted.append(1) or layer_forward(*a))
-    options = {"runtime": "eager", "stream": {"chunk_size": 4, "keys_values": keys_values,
-                                              "checkpoints": checkpoints}}
-    loss, records = _stream_step(model, clone_inputs(batch), options)
-    err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
-    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
-    assert len(counted) == forwards
+    forwards_run, records = _five_layers_counting_forwards(
+        {"keys_values": keys_values, "checkpoints": checkpoints}, monkeypatch)
+    assert forwards_run == forwards
     kinds = [d.kind for d in records[0].decisions if d.kind in ("saved", "recomputed")]
     assert kinds.count("saved") == {2: 2, 3: 3, 4: 4}[checkpoints]
     assert len(kinds) == 5
