@@ -69,7 +69,7 @@ def estimate(plan: Any, parameters: list[torch.Tensor]) -> StreamMemory:
         tables=max((_tables(r, plan) for r in layers), default=0),
         layer_chunk=max((_chunk_bytes(r, plan) for r in layers), default=0),
         head_chunk=_chunk_bytes(head, plan) if head is not None else 0,
-        layers=max((len(run) for run in runs_of_layers(layers)), default=0),
+        layers=max((len(run) for run in plan.runs), default=0),
     )
 
 
@@ -88,17 +88,6 @@ def checkpoints_for(budget: Any, memory: StreamMemory) -> int | None:
             limit, least, f"stream: the estimated peak holding {least_checkpoints(n)} of "
             f"{n} layer inputs at once; a shorter sequence or smaller chunks lower it")
     return max(fitting)
-
-
-def runs_of_layers(layers: list[Any]) -> list[list[Any]]:
-    """Layer regions grouped into runs, each layer's input the previous one's output."""
-    runs: list[list[Any]] = []
-    for region in layers:
-        if runs and region.input is runs[-1][-1].outputs[0]:
-            runs[-1].append(region)
-        else:
-            runs.append([region])
-    return runs
 
 
 def _keys_values(region: Any) -> int:

@@ -36,7 +36,7 @@ import torch.fx as fx
 from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import Decision, record_decision, record_note
-from memcompile.passes.stream_memory import checkpoints_for, estimate, runs_of_layers
+from memcompile.passes.stream_memory import checkpoints_for, estimate
 from memcompile.passes.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
                                                reversal)
 
@@ -103,6 +103,17 @@ class StreamPlan:
     checkpoints: int | None = None
     """The most layer inputs a run of layers holds at once (from `memory_budget`); None: every
     layer's input is kept."""
+
+    @property
+    def runs(self) -> list[list[Region]]:
+        """The layers in runs, each layer's input the previous one's output."""
+        runs: list[list[Region]] = []
+        for region in self.layers:
+            if runs and region.input is runs[-1][-1].outputs[0]:
+                runs[-1].append(region)
+            else:
+                runs.append([region])
+        return runs
 
     def reversal(self, n: int) -> Reversal:
         """How the backward of a run of `n` consecutive layers gets their inputs back."""
@@ -454,7 +465,7 @@ def _hold(gm: fx.GraphModule, plan: StreamPlan, example_inputs: list[Any],
     plan.checkpoints = given if isinstance(given, int) else checkpoints_for(
         options.memory_budget, memory)
     kept = set()
-    for run in runs_of_layers(plan.layers):
+    for run in plan.runs:
         walk = plan.reversal(len(run))
         kept.update(run[k].input for k in walk.kept_in_forward())
     walk = plan.reversal(memory.layers)

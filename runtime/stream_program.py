@@ -15,19 +15,6 @@ from memcompile.runtime.stream_loss import StreamBatch, StreamHead
 from memcompile.runtime.stream_tail import resolve
 
 
-def _groups(runners: list[ChunkRunner]) -> list[list[ChunkRunner]]:
-    """Runs of layers, each following the previous one directly; the head alone."""
-    groups: list[list[ChunkRunner]] = []
-    for runner in runners:
-        last = groups[-1] if groups else None
-        if (runner.region.kind == "layer" and last and last[-1].region.kind == "layer"
-                and runner.region.input is last[-1].region.outputs[0]):
-            last.append(runner)
-        else:
-            groups.append([runner])
-    return groups
-
-
 class StreamProgram:
     """Runs a forward aten graph with autograd; stream regions run as one autograd node each."""
 
@@ -39,13 +26,15 @@ class StreamProgram:
         for runner in self.runners:
             for node in runner.region.nodes:
                 self.owner[node] = runner
-        self.trigger: dict[fx.Node, list[ChunkRunner]] = {}
-        self.reversals: dict[int, Reversal] = {}
-        for group in _groups(self.runners):
-            self.trigger[group[-1].region.nodes[-1]] = group
-            if group[0].region.kind == "layer":
-                self.reversals[id(group[0])] = plan.reversal(len(group))
-        self.trigger_of = {r: node for node, group in self.trigger.items() for r in group}
+        # Each run of layers (the plan's) is one autograd node, walked by its reversal; the
+        # head and a batch region are one each. A group runs when its last node is reached.
+        runner_of = {id(r.region): r for r in self.runners}
+        groups: list[tuple[list[ChunkRunner], Reversal | None]] = [
+            ([runner_of[id(region)] for region in run], plan.reversal(len(run)))
+            for run in plan.runs]
+        groups += [([r], None) for r in self.runners if r.region.kind != "layer"]
+        self.trigger = {group[-1].region.nodes[-1]: (group, walk) for group, walk in groups}
+        self.trigger_of = {r: node for node, (group, _) in self.trigger.items() for r in group}
         self.dies_after = self._lifetimes()
 
     def _lifetimes(self) -> dict[int, list[fx.Node]]:
@@ -75,19 +64,21 @@ class StreamProgram:
             elif node.op == "output":
                 return resolve(node.args[0], env)
             elif node in self.trigger:
-                self._run_region(self.trigger[node], env)
+                self._run_region(*self.trigger[node], env)
             elif node not in self.owner:
                 env[node] = node.target(*resolve(node.args, env), **resolve(node.kwargs, env))
             for dead in self.dies_after.get(i, ()):
                 env.pop(dead, None)
         raise RuntimeError("stream program: the graph has no output node")
 
-    def _run_region(self, group: list[ChunkRunner], env: dict[fx.Node, Any]) -> None:
+    @staticmethod
+    def _run_region(group: list[ChunkRunner], walk: Reversal | None,
+                    env: dict[fx.Node, Any]) -> None:
         region = group[0].region
         if region.kind == "layer":
             side = [env[n] for n in group_side(group)]
-            env[group[-1].region.outputs[0]] = StreamLayers.apply(
-                group, self.reversals[id(group[0])], env[region.input], *side)
+            env[group[-1].region.outputs[0]] = StreamLayers.apply(group, walk, env[region.input],
+                                                                  *side)
         elif region.kind == "batch":
             outs = StreamBatch.apply(group[0], *(env[n] for n in region.side_inputs))
             for node, value in zip(region.outputs, outs):
