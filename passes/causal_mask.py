@@ -16,7 +16,8 @@ import logging
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.sequence import ATTENTION_OPS
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.meta import record_note
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def replace_causal_masks(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in ATTENTION_OPS:
             continue
-        mask = node.kwargs.get("attn_mask")
+        mask = attention.mask(node)
         if not isinstance(mask, fx.Node):
             continue
         nodes = _ancestors(mask)
@@ -83,14 +84,7 @@ def replace_causal_masks(gm: fx.GraphModule) -> fx.GraphModule:
             if not is_causal_mask(_evaluate(nodes)):
                 record_note(gm, CAUSAL_MASK_PASS, f"{mask.name} is not a causal mask: kept")
                 continue
-        kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
-        args = list(node.args)
-        if len(args) < 4:
-            args.append(0.0)  # dropout_p, positional before is_causal
-        if len(args) < 5:
-            args.append(False)
-        args[4] = True
-        node.args, node.kwargs = tuple(args), kwargs
+        node.args, node.kwargs = attention.with_causal(node.args, node.kwargs, node.target, True)
         replaced += 1
         record_note(gm, CAUSAL_MASK_PASS, f"{node.name}: its mask {mask.name} "
                     f"{tuple(val.shape)} equals the causal mask; replaced by the causal kernel")

@@ -10,7 +10,8 @@ run eagerly, outside any graph. At the traced length, the step holds at once
 - in a forward, two more hidden states (a layer's input and output, or the head's input and
   its gradient) and attention's keys and values;
 - in a backward, one more hidden state (a layer's output and input gradients share a buffer),
-  attention's keys and values and their gradient sums (the kernel adds into those).
+  attention's keys and values and their gradient sums (the kernel adds into those; float32
+  for half-precision keys and values).
 
 Every term is a bound on what the runtime holds, so the estimate sits above the measured peak
 (see BENCHMARKS.md, "StreamBP with a budget", for both side by side). A float budget is a fraction
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.sequence import ATTENTION_OPS
+from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.errors import MemoryBudgetError
 from memcompile.passes.stream_schedule import least_checkpoints
 
@@ -40,6 +41,8 @@ class StreamMemory:
     """One layer input (a whole-length hidden state)."""
     keys_values: int
     """The largest layer's keys and values."""
+    gradient_sums: int
+    """Their gradients' sums over chunks (float32 for half-precision keys and values)."""
     tables: int
     """The largest layer's whole-length values built from the inputs alone."""
     layer_chunk: int
@@ -53,7 +56,7 @@ class StreamMemory:
         """The estimated peak when a run holds at most `checkpoints` layer inputs at once."""
         held = min(checkpoints, self.layers)
         forward = (held + 2) * self.hidden + self.keys_values
-        backward = (held + 1) * self.hidden + 2 * self.keys_values
+        backward = (held + 1) * self.hidden + self.keys_values + self.gradient_sums
         return (self.gradients + self.tables + max(self.layer_chunk, self.head_chunk)
                 + max(forward, backward))
 
@@ -66,6 +69,7 @@ def estimate(plan: Any, parameters: list[torch.Tensor]) -> StreamMemory:
         gradients=sum(p.numel() * p.element_size() for p in parameters if p.requires_grad),
         hidden=max((_bytes(r.input) for r in layers), default=0),
         keys_values=max((_keys_values(r) for r in layers), default=0),
+        gradient_sums=max((_keys_values(r, widened=True) for r in layers), default=0),
         tables=max((_tables(r, plan) for r in layers), default=0),
         layer_chunk=max((_chunk_bytes(r, plan) for r in layers), default=0),
         head_chunk=_chunk_bytes(head, plan) if head is not None else 0,
@@ -90,9 +94,10 @@ def checkpoints_for(budget: Any, memory: StreamMemory) -> int | None:
     return max(fitting)
 
 
-def _keys_values(region: Any) -> int:
+def _keys_values(region: Any, widened: bool = False) -> int:
+    """Bytes of a layer's keys and values; `widened`, at least float32's element size."""
     inside = set(region.nodes)
-    return sum(_bytes(arg) for node in region.nodes if node.target in ATTENTION_OPS
+    return sum(_bytes(arg, widened) for node in region.nodes if node.target in ATTENTION_OPS
                for arg in node.args[1:3] if isinstance(arg, fx.Node) and arg in inside)
 
 
@@ -112,6 +117,9 @@ def _chunk_bytes(region: Any, plan: Any) -> int:
     return whole * chunk // max(length, 1)
 
 
-def _bytes(node: fx.Node) -> int:
+def _bytes(node: fx.Node, widened: bool = False) -> int:
     val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    if not isinstance(val, torch.Tensor):
+        return 0
+    size = max(val.element_size(), 4) if widened else val.element_size()
+    return val.numel() * size

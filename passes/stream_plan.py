@@ -33,7 +33,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim, SequenceInfo, analyze_sequence
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.sequence import SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import Decision, record_decision, record_note
 from memcompile.passes.stream_memory import checkpoints_for, estimate
@@ -231,8 +233,7 @@ def _layer_problem(region: Region, plan_info: SequenceInfo, activations: set[fx.
 
 
 def _causal_or_masked(node: fx.Node) -> bool:
-    is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
-    return bool(is_causal) or node.kwargs.get("attn_mask") is not None
+    return attention.is_causal(node) or attention.mask(node) is not None
 
 
 def _head_problem(region: Region, info: SequenceInfo, activations: set[fx.Node]) -> str | None:

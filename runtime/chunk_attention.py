@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-aten = torch.ops.aten
-_FORWARD = aten._scaled_dot_product_flash_attention_for_cpu.default
-_BACKWARD = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+from memcompile.runtime.attention_kernels import accumulation_dtype, attend, attend_backward
 
 
 class PrefixCausalAttention(torch.autograd.Function):
@@ -36,16 +34,15 @@ class PrefixCausalAttention(torch.autograd.Function):
                 scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = k.shape[2] - q.shape[2]
-        out, lse = _FORWARD(q, k[:, :, prefix:], v[:, :, prefix:], 0.0, True, scale=scale)
+        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
         if prefix:
-            out_p, lse_p = _FORWARD(q, k[:, :, :prefix], v[:, :, :prefix], 0.0, False,
-                                    scale=scale)
+            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
             merged = torch.logaddexp(lse_p, lse)
             out = (out_p * torch.exp(lse_p - merged).unsqueeze(-1)
                    + out * torch.exp(lse - merged).unsqueeze(-1)).to(q.dtype)
             lse = merged
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.sinks = scale, sinks
+        ctx.scale, ctx.sinks, ctx.state = scale, sinks, state
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -54,19 +51,23 @@ class PrefixCausalAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         queries, keys = q.shape[2], k.shape[2]
         grad_out = grad_out.contiguous()
-        grad_k, grad_v = ctx.sinks or (torch.zeros_like(k), torch.zeros_like(v))
+        # Sums over blocks stay in float32 for half-precision tensors, as in one kernel call.
+        wide = accumulation_dtype(q.dtype)
+        grad_k, grad_v = ctx.sinks or (torch.zeros_like(k, dtype=wide),
+                                       torch.zeros_like(v, dtype=wide))
         grad_q = None
         # With the merged output and log-sum-exp, the kernel's backward over a block of keys
         # gives that block's exact share: the softmax's normalizer is the merged one.
         for a, b, causal in _key_blocks(keys - queries, keys, max(queries, KEY_BLOCK)):
-            dq, dk, dv = _BACKWARD(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse, 0.0,
-                                   causal, scale=ctx.scale)
-            grad_q = dq if grad_q is None else grad_q.add_(dq)
+            dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
+                                         causal, ctx.scale, ctx.state)
+            grad_q = dq.to(wide) if grad_q is None else grad_q.add_(dq)
             grad_k[:, :, a:b].add_(dk)
             grad_v[:, :, a:b].add_(dv)
+        grad_q = grad_q.to(q.dtype)
         if ctx.sinks is not None:
             return grad_q, None, None, None, None
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 KEY_BLOCK = 1024
@@ -86,5 +87,5 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])`; with
     `sinks`, the keys' and values' gradients are added into them (`PrefixCausalAttention`)."""
     if k.shape[2] == q.shape[2] and sinks is None:
-        return _FORWARD(q, k, v, 0.0, True, scale=scale)
+        return attend(q, k, v, True, scale)[:2]
     return PrefixCausalAttention.apply(q, k, v, scale, sinks)

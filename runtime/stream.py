@@ -20,7 +20,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.sequence import ATTENTION_OPS, SeqDim
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.sequence import SeqDim
 from memcompile.runtime.chunk_attention import prefix_causal_attention
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _SIZE_ARG_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
                  aten.expand.default)
-MASK_BYTES = 32 * 2**20
-"""Largest additive mask one chunk's attention call may build (queries are split to fit)."""
 _RESHAPE = {aten.view.default: aten.reshape.default,
             aten._unsafe_view.default: aten.reshape.default}
 _TARGET_OPS = (aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
@@ -71,14 +71,6 @@ def write_rows(dst: torch.Tensor, seq: SeqDim, offset: int, value: torch.Tensor,
         part.add_(value)
     else:
         part.copy_(value)
-
-
-def lower_right_causal(queries: int, keys: int, device: torch.device,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask letting the last `queries` positions of `keys` see their own prefix."""
-    hidden = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(keys - queries + 1)
-    return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(hidden,
-                                                                             float("-inf"))
 
 
 class ChunkRunner:
@@ -187,12 +179,13 @@ class ChunkRunner:
 
     def _inputs(self, node: fx.Node, env: dict, starts: dict, whole: dict, first: int,
                 end: int) -> tuple[tuple, dict]:
-        attention = self._over_sequence(node)
+        over_sequence = self._over_sequence(node)
+        mask_position = attention.LAYOUTS[node.target].mask if over_sequence else None
 
         def load(arg: Any, position: int | str) -> Any:
             if not isinstance(arg, fx.Node):
                 return arg
-            need = 0 if attention and position in (1, 2) else first
+            need = 0 if over_sequence and position in (1, 2) else first
             if arg in env:
                 value, seq = env[arg], self.info.dim_of(arg)
                 if (isinstance(seq, SeqDim) and isinstance(value, torch.Tensor)
@@ -200,7 +193,7 @@ class ChunkRunner:
                     value = narrow_seq(value, seq, need - starts[arg], end - need)
                 return value
             value = whole[arg] if arg in whole else _missing(arg)
-            if attention and position == "attn_mask":
+            if over_sequence and position == mask_position:
                 return _narrow_mask(value, first, end, self.length)
             return self._narrow_whole(node, arg, value, need, end)
 
@@ -246,37 +239,19 @@ class ChunkRunner:
                    sinks: dict[fx.Node, torch.Tensor] | None = None) -> Any:
         """Attention for queries `[first, end)` over keys `[0, end)`, causal at the lower right.
 
-        The CPU kernel runs it as two calls without a mask (`chunk_attention`). Other kernels
-        take an additive mask (`is_causal` aligns at the top left when there are fewer queries
-        than keys); their queries go in blocks whose mask stays under `MASK_BYTES`, each block
-        reading keys only up to its own last query.
+        A kernel's `is_causal` aligns at the top left when there are fewer queries than keys,
+        so such a chunk runs as blocks of keys without a mask (`chunk_attention`), on whichever
+        kernel the device has. The result has the captured kernel's outputs: output and
+        log-sum-exp, the rest (sequence offsets, random state: unused without dropout) None.
         """
-        args = list(args)
-        queries = end - first
-        is_causal = args[4] if len(args) > 4 else kwargs.get("is_causal", False)
-        if not is_causal or queries == end:
+        if not attention.is_causal(node) or end - first == end:
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
-        if node.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
-            k_node, v_node = node.args[1:3]
-            pair = (sinks[k_node], sinks[v_node]) if (
-                sinks and k_node in sinks and v_node in sinks) else None
-            return prefix_causal_attention(q, k, v, kwargs.get("scale"), pair)
-        args[4] = False
-        block = max(1, min(queries, MASK_BYTES // (end * q.element_size())))
-        outs, lses = [], []
-        for b0 in range(0, queries, block):
-            b1 = min(b0 + block, queries)
-            keys = first + b1
-            mask = lower_right_causal(b1 - b0, keys, q.device, q.dtype)
-            out, lse, *_ = node.target(q.narrow(2, b0, b1 - b0), k.narrow(2, 0, keys),
-                                       v.narrow(2, 0, keys), *args[3:],
-                                       **{**kwargs, "attn_mask": mask})
-            outs.append(out)
-            lses.append(lse)
-        if len(outs) == 1:
-            return outs[0], lses[0]
-        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        k_node, v_node = node.args[1:3]
+        pair = (sinks[k_node], sinks[v_node]) if (
+            sinks and k_node in sinks and v_node in sinks) else None
+        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair)
+        return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
 
 def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],
                                                      set[fx.Node]]:

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.passes.stream_schedule import Reversal
+from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_tail import fill_whole
@@ -216,7 +219,8 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
     # A copy of the side values: what this computes without autograd from the parameters
     # (transposed weights) must not stand in for the leaves' versions in the chunks below.
     boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole), chunk)
-    sums = {n: torch.zeros_like(v) for n, v in boundary.items()}
+    # The sums gather every chunk's share: float32 for half-precision keys and values.
+    sums = {n: torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)) for n, v in boundary.items()}
     for start, end in chunks(runner.length, chunk):
         with torch.enable_grad():
             x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()
@@ -250,7 +254,8 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
             roots = [n for n in runner.boundary if made[n].requires_grad]
             found = torch.autograd.grad(
                 [made[n] for n in roots], [x_part, *grads.targets()],
-                [narrow_seq(sums[n], info.dim_of(n), start, end - start) for n in roots],
+                [narrow_seq(sums[n], info.dim_of(n), start, end - start).to(made[n].dtype)
+                 for n in roots],
                 allow_unused=True)
         if found[0] is not None:
             write_rows(grads.x, x_seq, start, found[0], add=True)
@@ -261,7 +266,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
 def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
     """Whether every attention mask of the layer hides later keys (else chunks need all keys)."""
     for node in runner.region.nodes:
-        mask = node.kwargs.get("attn_mask") if node.op == "call_function" else None
+        mask = attention.mask(node) if node.target in ATTENTION_OPS else None
         if isinstance(mask, fx.Node) and isinstance(whole.get(mask), torch.Tensor):
             if not mask_is_causal(whole[mask]):
                 log.warning("stream: %s's mask lets queries see later keys; the layer's "

@@ -25,9 +25,17 @@ from memcompile.analysis.sequence import SeqDim, analyze_sequence, view_seq_dim
 from memcompile.losses import dpo_loss, grpo_loss, shift_labels
 from memcompile.models import LlamaConfig, LlamaForCausalLM, build_hf_model
 from memcompile.report import recording
-from memcompile.runtime.stream import lower_right_causal, mask_is_causal
+from memcompile.runtime.stream import mask_is_causal
 
 aten = torch.ops.aten
+
+
+def lower_right_causal(queries: int, keys: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask letting the last `queries` positions of `keys` see their own prefix."""
+    hidden = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(keys - queries + 1)
+    return torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill_(hidden,
+                                                                             float("-inf"))
 
 
 # ---- analysis ---------------------------------------------------------------------------------
@@ -574,12 +582,16 @@ def test_a_budget_below_the_least_stream_estimate_is_refused():
         step({"input_ids": ids, "labels": ids})
 
 
-def test_keys_values_gradients_go_into_sinks_block_by_block(monkeypatch):
+@pytest.mark.parametrize("kernel", ["cpu", "math"])
+def test_keys_values_gradients_go_into_sinks_block_by_block(monkeypatch, kernel):
     """With sinks, the keys' and values' gradients are added into them a key block at a time
-    (blocks of 3 here) and none is returned; they equal autograd's through full attention."""
+    (blocks of 3 here) and none is returned; they equal autograd's through full attention. On
+    the CPU kernel, and on the plain-ops kernel other devices fall back to."""
+    import memcompile.runtime.attention_kernels as attention_kernels
     import memcompile.runtime.chunk_attention as chunk_attention
 
     monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 3)
+    monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k: kernel)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, 12, 8, dtype=torch.float64, generator=gen).requires_grad_()
                for h in (4, 2, 2))
@@ -596,11 +608,15 @@ def test_keys_values_gradients_go_into_sinks_block_by_block(monkeypatch):
     torch.testing.assert_close(sinks[1] - 1, expected[2], rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "math"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_prefix_causal_attention_equals_rows_of_full_causal_attention(dtype):
+def test_prefix_causal_attention_equals_rows_of_full_causal_attention(monkeypatch, dtype, kernel):
     """Two mask-free kernel calls (the prefix, then a square causal block) merged by their
     log-sum-exps, and their backward, against full causal attention with grouped heads."""
+    import memcompile.runtime.attention_kernels as attention_kernels
     from memcompile.runtime.chunk_attention import prefix_causal_attention
+
+    monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k: kernel)
 
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, h, 10, 8, dtype=dtype, generator=gen).requires_grad_()

@@ -83,7 +83,7 @@ def test_groups_keep_every_gth_input(n, size, kept, held, recomputed):
 
 _MIB = 2**20
 _MEMORY = StreamMemory(gradients=100 * _MIB, hidden=10 * _MIB, keys_values=5 * _MIB,
-                       tables=4 * _MIB, layer_chunk=3 * _MIB, head_chunk=2 * _MIB, layers=8)
+                       gradient_sums=5 * _MIB, tables=4 * _MIB, layer_chunk=3 * _MIB, head_chunk=2 * _MIB, layers=8)
 
 
 def test_estimated_peak_counts_held_inputs_and_working_set():
@@ -92,9 +92,14 @@ def test_estimated_peak_counts_held_inputs_and_working_set():
     assert _MEMORY.peak(3) == (100 + 4 + 3 + 5 * 10 + 5) * _MIB == 162 * _MIB
     assert _MEMORY.peak(8) - _MEMORY.peak(7) == 10 * _MIB
     assert _MEMORY.peak(20) == _MEMORY.peak(8)
-    wide_keys = StreamMemory(gradients=0, hidden=10 * _MIB, keys_values=20 * _MIB, tables=0,
-                             layer_chunk=0, head_chunk=0, layers=8)
+    wide_keys = StreamMemory(gradients=0, hidden=10 * _MIB, keys_values=20 * _MIB,
+                             gradient_sums=20 * _MIB, tables=0, layer_chunk=0, head_chunk=0,
+                             layers=8)
     assert wide_keys.peak(3) == (4 * 10 + 2 * 20) * _MIB  # the backward's is larger
+    # Half-precision keys and values: their gradient sums are float32, twice their bytes.
+    half = StreamMemory(gradients=0, hidden=10 * _MIB, keys_values=20 * _MIB,
+                        gradient_sums=40 * _MIB, tables=0, layer_chunk=0, head_chunk=0, layers=8)
+    assert half.peak(3) == (4 * 10 + 20 + 40) * _MIB
 
 
 def test_budget_picks_the_most_checkpoints_that_fit():

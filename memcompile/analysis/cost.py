@@ -21,13 +21,14 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import flop_registry
 
+from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.analysis.memory import _tensors, concrete, storage_key
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # Attention kernels torch's FLOP registry leaves out: two products of (Tq x D) by (D x Tk).
-_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+_ATTENTION = set(ATTENTION_OPS)
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,13 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
+
 aten = torch.ops.aten
 
 Effect = Literal["local", "mixes", "reduces", "unknown"]
 
-ATTENTION_OPS = (
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-)
-"""Attention kernels: queries, keys and values are `(B, H, T, D)`; the output's rows are queries."""
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, aten._to_copy.default,
@@ -243,7 +239,7 @@ class _Rules:
                                   for v in outs), ""
         if q is None or q.dim != 2:
             return "unknown", None, "attention whose queries do not hold the sequence in dim 2"
-        if len(node.args) > 3 and node.args[3]:
+        if attention.dropout(node):
             return "unknown", None, "attention with dropout (a re-run would draw a new mask)"
         outs = node.meta["val"]
         dims = tuple(q if i == 0 else (SeqDim(2) if isinstance(v, torch.Tensor) and v.dim() == 3
