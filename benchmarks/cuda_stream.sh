@@ -15,15 +15,18 @@ LENS=${LENS:-8192,16384,32768,65536} LIMIT_GIB=${LIMIT_GIB:-2}
 mkdir -p "$OUT"
 rm -rf /tmp/site && mkdir -p /tmp/site && cp -r memcompile /tmp/site/ \
     && cp -r passes /tmp/site/memcompile/passes && cp -r runtime /tmp/site/memcompile/runtime
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 [ "$DEVICE" = cuda ] && timeout 150 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
 
+# From /tmp: run as a module from the checkout, `memcompile` would be the source folder, which
+# lacks the passes and runtime packages the install maps into it.
+OUT=$(realpath "$OUT")
 BENCH="python3 -m memcompile.cli bench --model $MODEL --device $DEVICE --dtype $DTYPE"
-timeout 240 $BENCH --seq-lens $LENS --modes checkpoint,stream,stream_c2 \
-    --repeat 2 --jobs 4 --timeout 220 --out "$OUT/wide"
+(cd /tmp && timeout 240 $BENCH --seq-lens $LENS --modes checkpoint,stream,stream_c2 \
+    --repeat 2 --jobs 4 --timeout 220 --out "$OUT/wide")
 python3 benchmarks/stream_fit.py "$OUT/wide/results.json" --limit-gib $LIMIT_GIB | tee "$OUT/fit.md"
 
 # The fitted longest lengths (rounded down to 1,024) for checkpointing and stream_c2.
@@ -38,12 +41,12 @@ for mode in ("checkpoint", "stream_c2"):
                  if r["mode"] == mode and r.get("ok"))
     intercept, slope = fit([t for t, _ in got], [p for _, p in got])
     out.append(int((float(sys.argv[2]) * 2**30 - intercept) / slope) // 1024 * 1024)
-print(",".join(map(str, out)))
+print(",".join(map(str, sorted(set(out)))))
 PY
 )
 echo "fitted longest lengths (checkpoint, stream_c2): $lengths"
-timeout 260 $BENCH --seq-lens "$lengths" --modes checkpoint,stream_c2 --repeat 1 --jobs 2 \
-    --timeout 250 --out "$OUT/long"
+(cd /tmp && timeout 260 $BENCH --seq-lens "$lengths" --modes checkpoint,stream_c2 \
+    --repeat 1 --jobs 2 --timeout 250 --out "$OUT/long")
 python3 - "$OUT/long/results.json" "$LIMIT_GIB" <<'PY' | tee -a "$OUT/fit.md"
 import json, sys
 limit = float(sys.argv[2])

@@ -29,7 +29,10 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._prims_common import is_non_overlapping_and_dense_or_false
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.13 (a lent GPU machine's image) names it hint_int
+    from torch.fx.experimental.symbolic_shapes import hint_int as optimization_hint
 
 from memcompile.errors import MemcompileError
 
