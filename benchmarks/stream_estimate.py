@@ -28,9 +28,9 @@ class _Planned(Exception):
     pass
 
 
-def plan_terms(model_name: str, length: int, options: dict):
+def plan_terms(model_name: str, length: int, options: dict, dtype: torch.dtype = torch.float32):
     """The stream plan's estimate terms for one step of `model_name` at `length` tokens."""
-    model = build_model(model_name)
+    model = build_model(model_name, dtype=dtype)
     batch = make_batch(model.config, seq_len=length)
     found = {}
 
@@ -58,14 +58,16 @@ def main() -> None:
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--limit-gib", type=float, default=2.0)
     parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
     options = {"chunk_size": args.chunk_size} if args.chunk_size else {}
-    memories = [plan_terms(args.model, t, options) for t in lengths]
+    memories = [plan_terms(args.model, t, options, getattr(torch, args.dtype)) for t in lengths]
     n = memories[0].layers
     limit = args.limit_gib * 2**30
+    dtype = f" --dtype {args.dtype}" if args.dtype != "float32" else ""
     print(f"`python benchmarks/stream_estimate.py --model {args.model} --lengths "
-          f"{args.lengths} --limit-gib {args.limit_gib:g}`\n")
+          f"{args.lengths} --limit-gib {args.limit_gib:g}{dtype}`\n")
     print("| layer inputs held | recomputed layer forwards | "
           + " | ".join(f"estimate MiB above weights+grads @{t}" for t in lengths)
           + " | KiB/token | longest under "
