@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis import attention
-from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.attention import ATTENTION_OPS, is_causal
+from memcompile.analysis.attention import mask as attention_mask
 from memcompile.analysis.sequence import SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import Decision, record_decision, record_note
@@ -233,7 +233,7 @@ def _layer_problem(region: Region, plan_info: SequenceInfo, activations: set[fx.
 
 
 def _causal_or_masked(node: fx.Node) -> bool:
-    return attention.is_causal(node) or attention.mask(node) is not None
+    return is_causal(node) or attention_mask(node) is not None
 
 
 def _head_problem(region: Region, info: SequenceInfo, activations: set[fx.Node]) -> str | None:

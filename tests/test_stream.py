@@ -23,7 +23,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import memcompile
 from memcompile.analysis.sequence import SeqDim, analyze_sequence, view_seq_dim
 from memcompile.losses import dpo_loss, grpo_loss, shift_labels
-from memcompile.models import LlamaConfig, LlamaForCausalLM, build_hf_model
+from memcompile.models import (LlamaConfig, LlamaForCausalLM, build_hf_model, build_model,
+                               make_batch)
 from memcompile.report import recording
 from memcompile.runtime.stream import mask_is_causal
 
@@ -630,3 +631,30 @@ def test_prefix_causal_attention_equals_rows_of_full_causal_attention(monkeypatc
     torch.testing.assert_close(out, full[:, :, 3:7], rtol=0, atol=tol)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,widening", [(torch.bfloat16, 2), (torch.float32, 1)])
+def test_estimate_counts_half_precision_gradient_sums_in_float32(dtype, widening):
+    """The runtime sums half-precision keys' and values' gradients in float32; the estimate's
+    term for those sums is twice the keys' and values' bytes then, equal to them otherwise."""
+    from memcompile.capture import trace_static
+    from memcompile.config import Options
+    from memcompile.passes.stream_memory import estimate
+    from memcompile.passes.stream_plan import plan_stream
+
+    model = build_model("tiny", dtype=dtype)
+    batch = make_batch("tiny", seq_len=256)
+    found = {}
+
+    def backend(gm, example_inputs):
+        plan = plan_stream(trace_static(gm, example_inputs), list(example_inputs),
+                           Options(stream=True))
+        found["memory"] = estimate(plan, [x for x in example_inputs
+                                          if isinstance(x, torch.Tensor) and x.requires_grad])
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda b: model(**b).loss, backend=backend)(batch)
+    memory = found["memory"]
+    assert memory.keys_values > 0
+    assert memory.gradient_sums == widening * memory.keys_values

@@ -83,7 +83,8 @@ def test_groups_keep_every_gth_input(n, size, kept, held, recomputed):
 
 _MIB = 2**20
 _MEMORY = StreamMemory(gradients=100 * _MIB, hidden=10 * _MIB, keys_values=5 * _MIB,
-                       gradient_sums=5 * _MIB, tables=4 * _MIB, layer_chunk=3 * _MIB, head_chunk=2 * _MIB, layers=8)
+                       gradient_sums=5 * _MIB, tables=4 * _MIB, layer_chunk=3 * _MIB,
+                       head_chunk=2 * _MIB, layers=8)
 
 
 def test_estimated_peak_counts_held_inputs_and_working_set():
