@@ -35,7 +35,8 @@ import torch.fx as fx
 
 from memcompile.analysis.cost import CostModel
 from memcompile.analysis.joint import JointGraph
-from memcompile.analysis.schedule import Layout, PlanSimulation, layout, simulate_layout
+from memcompile.analysis.schedule import (Layout, PlanSimulation, ScheduleFacts, layout,
+                                          simulate_layout)
 from memcompile.errors import MemoryBudgetError
 from memcompile.meta import JOINT, REMAT, REMAT_PLAN, Decision, record_decision, record_note
 from memcompile.passes.registry import register_pass
@@ -93,6 +94,7 @@ class RematPlanner:
         self.joint = joint
         self.fusion = fusion
         """Price plans on Inductor's buffers (`analysis.fusion`) instead of the eager runtime's."""
+        self.facts = ScheduleFacts.of(joint)
         self.node_seconds = {n: cost.node_seconds(n) for n in joint.forward}
         self.forward_seconds = sum(self.node_seconds.values())
         self._evictable = {
@@ -119,7 +121,8 @@ class RematPlanner:
             plan = layout(self.joint, evicted)
             seconds = sum(self.node_seconds[n] for n in plan.recomputed)
             # Planned for the usual loop, `model(**batch).loss.backward()`: logits dropped.
-            sim = simulate_layout(self.joint, plan, fusion=self.fusion, drop_outputs=True)
+            sim = simulate_layout(self.joint, plan, fusion=self.fusion, drop_outputs=True,
+                                  facts=self.facts)
             self._points[evicted] = PlanPoint(evicted, plan, sim, seconds, move)
         point = self._points[evicted]
         return point if point.move == move else dataclasses.replace(point, move=move)

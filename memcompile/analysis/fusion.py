@@ -19,7 +19,6 @@ is invisible here. The bench reports the allocator's peak beside the plan for th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -49,15 +48,23 @@ _SCATTERS = frozenset({
 
 def writes_into_first_input(node: fx.Node) -> bool:
     """Whether Inductor computes `node` by writing into (a copy of) its first input."""
-    return node.op == "call_function" and node.target in _SCATTERS
+    return node.op == "call_function" and _op_kind(node.target)[2]
 
 
-@functools.lru_cache(maxsize=None)
-def _op_kind(target: object) -> tuple[bool, bool]:
-    """(inlines, absorbs inputs) of an op: a planner asks thousands of times per graph."""
-    tags = target.tags if isinstance(target, torch._ops.OpOverload) else ()
-    inlined = target in _INLINED or torch.Tag.pointwise in tags
-    return inlined, inlined or torch.Tag.reduction in tags
+_KINDS: dict[int, tuple[object, tuple[bool, bool, bool]]] = {}
+"""Op kinds by the op's id (an OpOverload hashes in Python; a planner asks millions of times);
+the op is kept beside its kind so its id is never reused."""
+
+
+def _op_kind(target: object) -> tuple[bool, bool, bool]:
+    """(inlines, absorbs inputs, writes into its first input) of an op."""
+    found = _KINDS.get(id(target))
+    if found is None:
+        tags = target.tags if isinstance(target, torch._ops.OpOverload) else ()
+        inlined = target in _INLINED or torch.Tag.pointwise in tags
+        found = _KINDS[id(target)] = (
+            target, (inlined, inlined or torch.Tag.reduction in tags, target in _SCATTERS))
+    return found[1]
 
 
 def inlines(node: fx.Node) -> bool:
@@ -86,11 +93,19 @@ def aliases(nodes: Iterable[fx.Node],
     return frozenset(n for n in nodes if is_alias(n, storages))
 
 
+def kinds(nodes: Iterable[fx.Node]) -> dict[fx.Node, tuple[bool, bool, bool]]:
+    """(`inlines`, `absorbs_inputs`, `writes_into_first_input`) of each node, for a caller
+    asking about the same nodes many times."""
+    return {n: _op_kind(n.target) if n.op == "call_function" else (False, False, False)
+            for n in nodes}
+
+
 def unmaterialized(
     order: Iterable[fx.Node],
     returned: set[fx.Node],
     storages: Mapping[fx.Node, tuple[tuple[int, int], ...]],
     alias_nodes: frozenset[fx.Node] | None = None,
+    node_kinds: Mapping[fx.Node, tuple[bool, bool, bool]] | None = None,
 ) -> set[fx.Node]:
     """The nodes of one graph (`order`, topological) whose values Inductor never stores.
 
@@ -103,12 +118,14 @@ def unmaterialized(
     members = set(order)
     if alias_nodes is None:
         alias_nodes = aliases(order, storages)
+    if node_kinds is None:
+        node_kinds = kinds(order)
     fused: set[fx.Node] = set()
     for node in reversed(order):  # readers come later, so they are decided first
-        if node in returned or not (inlines(node) or node in alias_nodes):
+        if node in returned or not (node_kinds[node][0] or node in alias_nodes):
             continue
         readers = [u for u in node.users if u in members]
-        if readers and all(u in fused or (absorbs_inputs(u) and u not in alias_nodes)
+        if readers and all(u in fused or (node_kinds[u][1] and u not in alias_nodes)
                            for u in readers):
             fused.add(node)
     return fused

@@ -28,7 +28,7 @@ from operator import getitem
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.fusion import absorbs_inputs, unmaterialized, writes_into_first_input
+from memcompile.analysis.fusion import kinds, unmaterialized
 from memcompile.analysis.joint import JointGraph
 from memcompile.analysis.memory import _obeys_layout_contract
 
@@ -148,6 +148,44 @@ class PlanSimulation:
     """Saved forward values whose storage is live at the peak."""
 
 
+@dataclass(frozen=True)
+class ScheduleFacts:
+    """What every simulated plan of one joint graph reads the same: computed once per graph."""
+
+    forward_values: dict[fx.Node, tuple]
+    """Each node's storages as the forward holds them (external storages dropped)."""
+    own: dict[fx.Node, tuple[tuple[int, int], ...]]
+    """Each node's (storage key, bytes) pairs, external storages dropped."""
+    backward_values: dict[fx.Node, tuple]
+    """Each node's storages as the backward holds them when none is saved or a tangent."""
+    nodes_of: dict[int, list[fx.Node]]
+    """The nodes holding each storage key."""
+    relaid: tuple[tuple[int, int], ...]
+    """(index among the gradients, the parameter's bytes) of each gradient whose strides break
+    its parameter's layout: AccumulateGrad copies it."""
+    kinds: dict[fx.Node, tuple[bool, bool, bool]]
+    """`analysis.fusion.kinds` of every node."""
+
+    @classmethod
+    def of(cls, joint: JointGraph) -> ScheduleFacts:
+        """The facts of `joint`."""
+        own = {n: tuple((k, b) for k, b in s if k not in joint.external)
+               for n, s in joint.storages.items()}
+        relaid = []
+        for i, (primal, grad) in enumerate(zip(joint.primals, joint.bwd_outputs)):
+            param = primal.meta.get("val")
+            if (isinstance(grad, fx.Node) and own.get(grad) and isinstance(param, torch.Tensor)
+                    and not _obeys_layout_contract(grad.meta["val"], param)):
+                relaid.append((i, int(param.numel()) * param.element_size()))
+        nodes_of: dict[int, list[fx.Node]] = {}
+        for n, s in own.items():
+            for k, _ in s:
+                nodes_of.setdefault(k, []).append(n)
+        return cls({n: tuple(((_FORWARD, k), b) for k, b in s) for n, s in own.items()}, own,
+                   {n: tuple(((_BACKWARD, k), b) for k, b in s) for n, s in own.items()},
+                   nodes_of, tuple(relaid), kinds(joint.gm.graph.nodes))
+
+
 class _Live:
     """Reference counts per storage instance; live bytes; when each saved storage lived."""
 
@@ -182,7 +220,8 @@ class _Live:
 
 
 def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
-                    drop_outputs: bool = False) -> PlanSimulation:
+                    drop_outputs: bool = False, facts: ScheduleFacts | None = None
+                    ) -> PlanSimulation:
     """Simulate one step of `plan`: bytes above what was live at its start, at every op.
 
     `fusion=True` models Inductor's code instead of the eager runtime's: values Inductor inlines
@@ -190,7 +229,9 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     `drop_outputs=True`: the caller keeps only scalar outputs (the loss it calls `backward` on)
     and drops the others (logits) before the backward, as `model(**batch).loss.backward()`
     does; by default every output stays live, as in `memcompile.analysis.memory`.
+    `facts`: `ScheduleFacts.of(joint)`, for a caller simulating many plans of one graph.
     """
+    facts = facts or ScheduleFacts.of(joint)
     live = _Live()
     peak = [-1, "", "", 0]  # bytes, phase, node, event number
 
@@ -202,31 +243,29 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     saved_keys = {k for v in plan.saved for k, _ in joint.storages[v]}
     tangent_keys = {k for t in joint.tangents for k, _ in joint.storages[t]}
 
-    def fwd_value(node: fx.Node) -> tuple:
-        return tuple(((_FORWARD, k), b) for k, b in joint.storages[node]
-                     if k not in joint.external)
-
-    def bwd_value(node: fx.Node) -> tuple:
-        out = []
-        for k, b in joint.storages[node]:
-            if k in joint.external:
-                continue
-            tag = _TANGENT if k in tangent_keys else _FORWARD if k in saved_keys else _BACKWARD
-            out.append(((tag, k), b))
-        return tuple(out)
+    fwd_value = facts.forward_values.__getitem__
+    # Backward values tagged by whose storage they hold: most own backward storages alone, so
+    # only the nodes sharing a saved or tangent storage are tagged afresh.
+    own = facts.own
+    tagged = dict(facts.backward_values)
+    for key in saved_keys | tangent_keys:
+        for node in facts.nodes_of.get(key, ()):
+            tagged[node] = tuple(((_TANGENT if k in tangent_keys else _FORWARD
+                                   if k in saved_keys else _BACKWARD, k), b) for k, b in own[node])
+    bwd_value = tagged.__getitem__
 
     # The forward graph: the inputs cost nothing; each value dies after its last use, except
     # what it returns (the user's outputs, then the saved values).
     def inlined(order: list[fx.Node], graph_returns: set[fx.Node]) -> set[fx.Node] | None:
         if not fusion:
             return None
-        return unmaterialized(order, graph_returns, joint.storages, joint.aliases)
+        return unmaterialized(order, graph_returns, joint.storages, joint.aliases, facts.kinds)
 
     fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     returned = [*fwd_outputs, *plan.saved]
     fwd_returned = set(returned)
     _run(plan.forward_order, fwd_value, {}, fwd_returned, live, event, "forward", joint.inputs,
-         inlined(plan.forward_order, fwd_returned))
+         inlined(plan.forward_order, fwd_returned), facts.kinds)
     handed_over = [fwd_value(v) for v in returned]
     for value in handed_over:
         live.hold(value)
@@ -256,20 +295,17 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     grads = list(joint.bwd_outputs)
     grad_nodes = {g for g in grads if isinstance(g, fx.Node)}
     _run(plan.backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward",
-         joint.inputs, inlined(plan.backward_order, grad_nodes))
+         joint.inputs, inlined(plan.backward_order, grad_nodes), facts.kinds)
     grad_values = [bwd_value(g) if isinstance(g, fx.Node) else () for g in grads]
     for value in grad_values:
         live.hold(value)
     for node in grad_nodes:
         live.release(bwd_value(node))
     # AccumulateGrad copies a gradient whose strides break the parameter's layout, then drops it.
-    for primal, grad, value in zip(joint.primals, grads, grad_values):
-        param = primal.meta.get("val")
-        if (isinstance(grad, fx.Node) and value and isinstance(param, torch.Tensor)
-                and not _obeys_layout_contract(grad.meta["val"], param)):
-            live.live += int(param.numel()) * param.element_size()
-            event("accumulate", primal.name)
-            live.release(value)
+    for i, nbytes in facts.relaid:
+        live.live += nbytes
+        event("accumulate", joint.primals[i].name)
+        live.release(grad_values[i])
 
     peak_bytes, phase, name, at = peak
     live_at_peak = {
@@ -280,16 +316,18 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
 
 
 def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
-         inlined=None) -> None:
+         inlined=None, node_kinds=None) -> None:
     """One graph: hold each op's value, then drop what this op used for the last time.
 
     With `inlined` (Inductor's code: the set of values its kernels compute inline), such a value
     owns no storage: it stands for its inputs' storages, so they stay live until its own last
     reader, the kernel that computes it. And a generated kernel writes its output into an input
     buffer of the same size that dies with it, as Inductor's in-place reuse does (a scatter:
-    into its first input only).
+    into its first input only). `node_kinds`: `analysis.fusion.kinds` of the order's nodes.
     """
     members = set(order)
+    if inlined is not None and node_kinds is None:
+        node_kinds = kinds(order)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in order:
         for inp in inputs[node]:
@@ -309,12 +347,13 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
         reused = 0
         if inlined is not None:
             dying = frees.get(node, ())
-            if writes_into_first_input(node):
+            _, absorbs, scatter = node_kinds[node]
+            if scatter:
                 first = node.args[0] if node.args else None
                 dying = [first] if first in dying else []
-            elif not absorbs_inputs(node):
+            elif not absorbs:
                 dying = []
-            reused = _reusable_bytes(value, [values[d] for d in dying], live)
+            reused = _reusable_bytes(value, [values[d] for d in dying], live) if dying else 0
         live.hold(value)
         live.live -= reused  # the output took over a dying input's buffer
         event(phase, node.name)
@@ -328,7 +367,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
 def _reusable_bytes(value: tuple, dying: list[tuple], live: _Live) -> int:
     """Bytes of a buffer the op's inputs release for good after it, of the size of the op's new
     output (0 if none): Inductor then writes the output into that buffer."""
-    if len(value) != 1 or value[0][0] in live.refs:
+    if not dying or len(value) != 1 or value[0][0] in live.refs:
         return 0
     nbytes = value[0][1]
     dropped: dict[tuple, int] = {}
