@@ -19,7 +19,10 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-[ "$DEVICE" = cuda ] && timeout 150 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
+if [ "$DEVICE" = cuda ]; then
+    timeout 150 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "cuda_check failed: no bench on wrong gradients"; exit 1; }
+fi
 
 # From /tmp: run as a module from the checkout, `memcompile` would be the source folder, which
 # lacks the passes and runtime packages the install maps into it.
@@ -45,6 +48,7 @@ print(",".join(map(str, sorted(set(out)))))
 PY
 )
 echo "fitted longest lengths (checkpoint, stream_c2): $lengths"
+[ -n "$lengths" ] || { echo "no fitted lengths (did the bench fail?)"; exit 1; }
 (cd /tmp && timeout 260 $BENCH --seq-lens "$lengths" --modes checkpoint,stream_c2 \
     --repeat 1 --jobs 2 --timeout 250 --out "$OUT/long")
 python3 - "$OUT/long/results.json" "$LIMIT_GIB" <<'PY' | tee -a "$OUT/fit.md"

@@ -1,16 +1,19 @@
-"""One attention block, forward and backward, on whichever fused kernel the device has.
+"""One attention block, forward and backward, on the fused kernel the captured graph chose.
 
 `chunk_attention` splits a chunk's attention into blocks of keys and merges them by their
 log-sum-exps; it needs, per block, the output with its log-sum-exp and, given the merged output
 and log-sum-exp, the block's share of the gradient. The fused kernels give both, but each device
-spells them differently:
+spells them differently. The blocks run on the kernel the captured graph holds (`op`), so a
+user's or SDPA's choice stands:
 
-- CPU: the CPU flash kernel (any float dtype, grouped heads);
-- CUDA, half precision: the flash kernel (grouped heads);
-- CUDA, float32: the memory-efficient kernel (equal head counts; its log-sum-exp is padded to a
-  multiple of 32 rows);
-- anything else (float64 on CUDA, say): `math_forward` / `math_backward`, the same formulas in
-  plain tensor ops on the block's scores.
+- the CPU flash kernel (any float dtype, grouped heads);
+- CUDA's flash kernel (half precision, grouped heads); cuDNN's, which has the same reach, is
+  replaced by it;
+- CUDA's memory-efficient kernel (equal head counts; its log-sum-exp is padded to a multiple of
+  32 rows);
+- with no captured kernel, the device's (as above, by dtype); on any other device,
+  `math_forward` / `math_backward`, the same formulas in plain tensor ops on the block's scores
+  (a warning says so: they hold a block's scores, which the stream estimate does not count).
 
 Every path returns the log-sum-exp in float32 or wider, `(B, H, queries)`, unpadded.
 """
@@ -19,19 +22,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import logging
+
 import torch
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+_KIND_OF_OP = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "cpu",
+    aten._scaled_dot_product_flash_attention.default: "flash",
+    aten._scaled_dot_product_cudnn_attention.default: "flash",
+    aten._scaled_dot_product_efficient_attention.default: "efficient",
+}
+_WARNED: set[tuple[str, torch.dtype]] = set()
 
 _LSE_ROWS = 32
 """The memory-efficient kernel's log-sum-exp holds a multiple of this many rows."""
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-           scale: float | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """`(out, logsumexp, state)` of queries `q` over keys `k` (square and causal if `causal`);
-    `state` is what `attend_backward` needs from this call beside the tensors."""
-    kind = kernel_kind(q, k)
+           scale: float | None, op: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """`(out, logsumexp, state)` of queries `q` over keys `k` (square and causal if `causal`)
+    on the kernel of the captured attention op `op` (`kernel_kind`); `state` is what
+    `attend_backward` needs from this call beside the tensors."""
+    kind = kernel_kind(q, k, op)
     if kind == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
                                                                     scale=scale)
@@ -50,11 +65,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 def attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float | None,
-                    state: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    state: Any, op: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of queries, keys and values of one block, given the (merged) output and
-    log-sum-exp the block's softmax is normalized by, and `state` from any `attend` call on
-    the same device and dtype."""
-    kind = kernel_kind(q, k)
+    log-sum-exp the block's softmax is normalized by, and `state` from an `attend` call with
+    the same `op`, device and dtype."""
+    kind = kernel_kind(q, k, op)
     if kind == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
@@ -80,14 +95,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def kernel_kind(q: torch.Tensor, k: torch.Tensor) -> str:
-    """Which kernel runs attention on these tensors: "cpu", "flash", "efficient" or "math"."""
-    if q.device.type == "cpu":
+def kernel_kind(q: torch.Tensor, k: torch.Tensor, op: Any = None) -> str:
+    """Which kernel runs attention on these tensors: "cpu", "flash", "efficient" or "math".
+
+    The captured op's own kernel when `op` is one (cuDNN's is run as flash), else the device's
+    (`device_kernel`)."""
+    kind = _KIND_OF_OP.get(op) or device_kernel(q.device.type, q.dtype, q.shape[1] == k.shape[1])
+    if kind == "math" and (q.device.type, q.dtype) not in _WARNED:
+        _WARNED.add((q.device.type, q.dtype))
+        log.warning("chunk attention on %s in %s: no fused kernel for its blocks; plain tensor "
+                    "ops hold each block's scores (not counted by the stream estimate)",
+                    q.device.type, q.dtype)
+    return kind
+
+
+def device_kernel(device: str, dtype: torch.dtype, same_heads: bool) -> str:
+    """The fused kernel a device has for this dtype and head layout, or "math" for none."""
+    if device == "cpu":
         return "cpu"
-    if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16):
+    if device == "cuda":
+        if dtype in (torch.float16, torch.bfloat16):
             return "flash"
-        if q.dtype == torch.float32 and q.shape[1] == k.shape[1]:
+        if dtype == torch.float32 and same_heads:
             return "efficient"
     return "math"
 

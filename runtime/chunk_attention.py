@@ -31,18 +31,18 @@ class PrefixCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None,
+                op: Any) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = k.shape[2] - q.shape[2]
-        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale)
+        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, op)
         if prefix:
-            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale)
+            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, op)
             merged = torch.logaddexp(lse_p, lse)
             out = (out_p * torch.exp(lse_p - merged).unsqueeze(-1)
                    + out * torch.exp(lse - merged).unsqueeze(-1)).to(q.dtype)
             lse = merged
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.sinks, ctx.state = scale, sinks, state
+        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, state, op
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -60,14 +60,14 @@ class PrefixCausalAttention(torch.autograd.Function):
         # gives that block's exact share: the softmax's normalizer is the merged one.
         for a, b, causal in _key_blocks(keys - queries, keys, max(queries, KEY_BLOCK)):
             dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
-                                         causal, ctx.scale, ctx.state)
+                                         causal, ctx.scale, ctx.state, ctx.op)
             grad_q = dq.to(wide) if grad_q is None else grad_q.add_(dq)
             grad_k[:, :, a:b].add_(dk)
             grad_v[:, :, a:b].add_(dv)
         grad_q = grad_q.to(q.dtype)
         if ctx.sinks is not None:
-            return grad_q, None, None, None, None
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
+            return grad_q, None, None, None, None, None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 KEY_BLOCK = 1024
@@ -82,10 +82,11 @@ def _key_blocks(prefix: int, keys: int, block: int) -> list[tuple[int, int, bool
 
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float | None = None,
-                            sinks: tuple[torch.Tensor, torch.Tensor] | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])`; with
-    `sinks`, the keys' and values' gradients are added into them (`PrefixCausalAttention`)."""
+                            sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            op: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])` on the
+    kernel of the captured attention op `op` (`attention_kernels.kernel_kind`); with `sinks`,
+    the keys' and values' gradients are added into them (`PrefixCausalAttention`)."""
     if k.shape[2] == q.shape[2] and sinks is None:
-        return attend(q, k, v, True, scale)[:2]
-    return PrefixCausalAttention.apply(q, k, v, scale, sinks)
+        return attend(q, k, v, True, scale, op)[:2]
+    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op)

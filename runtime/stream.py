@@ -244,13 +244,13 @@ class ChunkRunner:
         kernel the device has. The result has the captured kernel's outputs: output and
         log-sum-exp, the rest (sequence offsets, random state: unused without dropout) None.
         """
-        if not attention.is_causal(node) or end - first == end:
+        if not attention.is_causal(node) or first == 0:
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
         k_node, v_node = node.args[1:3]
         pair = (sinks[k_node], sinks[v_node]) if (
             sinks and k_node in sinks and v_node in sinks) else None
-        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair)
+        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
 
 def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],

@@ -219,7 +219,8 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
     # A copy of the side values: what this computes without autograd from the parameters
     # (transposed weights) must not stand in for the leaves' versions in the chunks below.
     boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole), chunk)
-    # The sums gather every chunk's share: float32 for half-precision keys and values.
+    # Float32 sums for half-precision keys and values: each adds one share per chunk and key
+    # block, hundreds at long lengths, which half precision would round away.
     sums = {n: torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)) for n, v in boundary.items()}
     for start, end in chunks(runner.length, chunk):
         with torch.enable_grad():

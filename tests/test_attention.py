@@ -54,12 +54,48 @@ def test_with_causal_sets_the_flag_and_drops_the_mask():
     assert args[3:] == (0.0, True) and kwargs == {"scale": 0.5}
 
 
-def test_kernel_is_chosen_by_device_dtype_and_heads():
-    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 2, 8)
-    assert attention_kernels.kernel_kind(q, k) == "cpu"
-    meta = dict(device="meta")
-    q16, k16 = torch.zeros(1, 4, 2, 8, **meta), torch.zeros(1, 2, 2, 8, **meta)
-    assert attention_kernels.kernel_kind(q16, k16) == "math"
+def test_layouts_are_read_from_the_kernels_schemas():
+    layouts = attention.LAYOUTS
+    assert layouts[aten._scaled_dot_product_flash_attention_for_cpu.default] == \
+        attention.AttentionLayout(3, 4, "attn_mask", 2)
+    assert layouts[aten._scaled_dot_product_flash_attention.default] == \
+        attention.AttentionLayout(3, 4, None, 9)
+    assert layouts[aten._scaled_dot_product_efficient_attention.default] == \
+        attention.AttentionLayout(5, 6, 3, 4)
+    assert layouts[aten._scaled_dot_product_cudnn_attention.default] == \
+        attention.AttentionLayout(5, 6, 3, 9)
+
+
+def test_with_causal_takes_keyword_arguments_it_makes_positional():
+    node = _call(aten._scaled_dot_product_flash_attention_for_cpu.default, ("q", "k", "v"),
+                 {"dropout_p": 0.0, "attn_mask": "bias"})
+    args, kwargs = attention.with_causal(node.args, node.kwargs, node.target, True)
+    assert args[3:] == (0.0, True) and kwargs == {}
+    node = _call(aten._scaled_dot_product_efficient_attention.default, ("q", "k", "v", "bias"),
+                 {"compute_log_sumexp": True, "is_causal": False})
+    args, kwargs = attention.with_causal(node.args, node.kwargs, node.target, True)
+    assert args[3:] == (None, True, 0.0, True) and kwargs == {}
+
+
+def test_the_device_kernel_by_device_dtype_and_heads():
+    kernel = attention_kernels.device_kernel
+    assert kernel("cpu", torch.float64, False) == "cpu"
+    assert kernel("cuda", torch.bfloat16, False) == "flash"
+    assert kernel("cuda", torch.float16, True) == "flash"
+    assert kernel("cuda", torch.float32, True) == "efficient"
+    assert kernel("cuda", torch.float32, False) == "math"  # no fused kernel for grouped heads
+    assert kernel("cuda", torch.float64, True) == "math"
+    assert kernel("mps", torch.float32, True) == "math"
+
+
+def test_the_captured_kernel_is_kept():
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+    kind = attention_kernels.kernel_kind
+    assert kind(q, k) == "cpu"
+    assert kind(q, k, aten._scaled_dot_product_efficient_attention.default) == "efficient"
+    assert kind(q, k, aten._scaled_dot_product_cudnn_attention.default) == "flash"
+    meta = torch.zeros(1, 4, 2, 8, device="meta")
+    assert kind(meta, meta) == "math"
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -1,10 +1,10 @@
 """Where each fused attention kernel keeps its arguments.
 
 The captured graph holds whichever kernel SDPA chose for the device and dtype: the CPU flash
-kernel, CUDA's flash kernel (half precision), its memory-efficient kernel (float32, equal head
-counts) or cuDNN's. Their signatures differ: dropout and `is_causal` sit at different
-positions, and a mask is a keyword on one and a positional bias on others. Reading them through
-one table keeps every pass from assuming the CPU kernel's layout.
+kernel, CUDA's flash kernel, its memory-efficient kernel or cuDNN's. Their signatures differ:
+dropout and `is_causal` sit at different positions, and a mask is a keyword on one and a
+positional bias on others. Every pass reads them through this module, whose table is built from
+the kernels' own schemas, so none assumes the CPU kernel's layout.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ aten = torch.ops.aten
 class AttentionLayout:
     """Positions of an attention kernel's arguments (query, key, value are always 0, 1, 2).
 
-    `mask` is a position or a keyword name (None: the kernel takes no mask); `outputs` is how
-    many values the kernel returns (output first, log-sum-exp second).
+    `mask` is a position or a keyword-only name (None: the kernel takes no mask); `outputs` is
+    how many values the kernel returns (output first, log-sum-exp second).
     """
 
     dropout: int
@@ -31,16 +31,28 @@ class AttentionLayout:
     mask: int | str | None
     outputs: int
 
+    @classmethod
+    def of(cls, op: torch._ops.OpOverload) -> AttentionLayout:
+        """The layout read off `op`'s schema."""
+        arguments = op._schema.arguments
+        index = {a.name: i for i, a in enumerate(arguments)}
+        mask = next((a for a in arguments if a.name in ("attn_mask", "attn_bias")), None)
+        if mask is None:
+            where = None
+        else:
+            where = mask.name if mask.kwarg_only else index[mask.name]
+        return cls(index["dropout_p"], index["is_causal"], where, len(op._schema.returns))
 
-LAYOUTS: dict[Any, AttentionLayout] = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default: AttentionLayout(3, 4, "attn_mask", 2),
-    aten._scaled_dot_product_flash_attention.default: AttentionLayout(3, 4, None, 9),
-    aten._scaled_dot_product_efficient_attention.default: AttentionLayout(5, 6, 3, 4),
-    aten._scaled_dot_product_cudnn_attention.default: AttentionLayout(5, 6, 3, 9),
-}
 
-ATTENTION_OPS = tuple(LAYOUTS)
+ATTENTION_OPS = (
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+)
 """Attention kernels: queries, keys and values are `(B, H, T, D)`; the output's rows are queries."""
+
+LAYOUTS: dict[Any, AttentionLayout] = {op: AttentionLayout.of(op) for op in ATTENTION_OPS}
 
 
 def _argument(node: fx.Node, position: int | str, default: Any = None) -> Any:
@@ -72,11 +84,16 @@ def with_causal(args: tuple, kwargs: dict, target: Any, causal: bool) -> tuple[t
     """`args`, `kwargs` of a call of `target` with `is_causal` set to `causal` and no mask."""
     layout = LAYOUTS[target]
     schema = target._schema.arguments
-    args = list(args)
-    while len(args) <= layout.causal:  # fill the defaults up to is_causal
-        args.append(schema[len(args)].default_value)
+    args, kwargs = list(args), dict(kwargs)
+    # is_causal is positional: the arguments before it become positional too, taken from the
+    # keywords when the call named them, else their defaults.
+    while len(args) <= layout.causal:
+        argument = schema[len(args)]
+        args.append(kwargs.pop(argument.name, argument.default_value))
     args[layout.causal] = causal
     if isinstance(layout.mask, int):
         args[layout.mask] = None
-    kwargs = {k: v for k, v in kwargs.items() if k != layout.mask}
+    kwargs.pop(schema[layout.causal].name, None)
+    if isinstance(layout.mask, str):
+        kwargs.pop(layout.mask, None)
     return tuple(args), kwargs

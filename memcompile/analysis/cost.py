@@ -27,7 +27,8 @@ from memcompile.analysis.memory import _tensors, concrete, storage_key
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-# Attention kernels torch's FLOP registry leaves out: two products of (Tq x D) by (D x Tk).
+# Attention kernels, priced here as two products of (Tq x D) by (D x Tk): torch's FLOP registry
+# leaves the CPU kernel out, and one formula keeps the kernels' prices comparable.
 _ATTENTION = set(ATTENTION_OPS)
 
 

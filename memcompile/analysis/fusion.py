@@ -46,18 +46,13 @@ _SCATTERS = frozenset({
 })
 
 
-def writes_into_first_input(node: fx.Node) -> bool:
-    """Whether Inductor computes `node` by writing into (a copy of) its first input."""
-    return node.op == "call_function" and _op_kind(node.target)[2]
-
-
 _KINDS: dict[int, tuple[object, tuple[bool, bool, bool]]] = {}
 """Op kinds by the op's id (an OpOverload hashes in Python; a planner asks millions of times);
 the op is kept beside its kind so its id is never reused."""
 
 
 def _op_kind(target: object) -> tuple[bool, bool, bool]:
-    """(inlines, absorbs inputs, writes into its first input) of an op."""
+    """(inlines, absorbs inputs, writes into its first input) of an op (`kinds`)."""
     found = _KINDS.get(id(target))
     if found is None:
         tags = target.tags if isinstance(target, torch._ops.OpOverload) else ()
@@ -65,17 +60,6 @@ def _op_kind(target: object) -> tuple[bool, bool, bool]:
         found = _KINDS[id(target)] = (
             target, (inlined, inlined or torch.Tag.reduction in tags, target in _SCATTERS))
     return found[1]
-
-
-def inlines(node: fx.Node) -> bool:
-    """Whether Inductor turns `node`'s op into an expression a consumer's kernel can inline."""
-    return node.op == "call_function" and _op_kind(node.target)[0]
-
-
-def absorbs_inputs(node: fx.Node) -> bool:
-    """Whether `node`'s kernel can compute an inlinable input itself instead of loading it:
-    pointwise ops and reductions can; extern kernels (matmul, attention, fallbacks) cannot."""
-    return node.op == "call_function" and _op_kind(node.target)[1]
 
 
 def is_alias(node: fx.Node, storages: Mapping[fx.Node, tuple[tuple[int, int], ...]]) -> bool:
@@ -94,8 +78,14 @@ def aliases(nodes: Iterable[fx.Node],
 
 
 def kinds(nodes: Iterable[fx.Node]) -> dict[fx.Node, tuple[bool, bool, bool]]:
-    """(`inlines`, `absorbs_inputs`, `writes_into_first_input`) of each node, for a caller
-    asking about the same nodes many times."""
+    """Per node, whether Inductor
+
+    - inlines it: turns its op into an expression a consumer's kernel computes (pointwise ops,
+      casts, fills, index gathers);
+    - absorbs its inputs: its kernel can compute an inlinable input itself instead of loading
+      it (pointwise ops and reductions; extern kernels such as matmul and attention cannot);
+    - writes it into (a copy of) its first input (a scatter).
+    """
     return {n: _op_kind(n.target) if n.op == "call_function" else (False, False, False)
             for n in nodes}
 

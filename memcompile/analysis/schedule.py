@@ -152,6 +152,8 @@ class PlanSimulation:
 class ScheduleFacts:
     """What every simulated plan of one joint graph reads the same: computed once per graph."""
 
+    joint: JointGraph
+    """The graph these facts were read from."""
     forward_values: dict[fx.Node, tuple]
     """Each node's storages as the forward holds them (external storages dropped)."""
     own: dict[fx.Node, tuple[tuple[int, int], ...]]
@@ -181,9 +183,10 @@ class ScheduleFacts:
         for n, s in own.items():
             for k, _ in s:
                 nodes_of.setdefault(k, []).append(n)
-        return cls({n: tuple(((_FORWARD, k), b) for k, b in s) for n, s in own.items()}, own,
-                   {n: tuple(((_BACKWARD, k), b) for k, b in s) for n, s in own.items()},
-                   nodes_of, tuple(relaid), kinds(joint.gm.graph.nodes))
+        forward = {n: tuple(((_FORWARD, k), b) for k, b in s) for n, s in own.items()}
+        backward = {n: tuple(((_BACKWARD, k), b) for k, b in s) for n, s in own.items()}
+        return cls(joint, forward, own, backward, nodes_of, tuple(relaid),
+                   kinds(joint.gm.graph.nodes))
 
 
 class _Live:
@@ -231,7 +234,11 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     does; by default every output stays live, as in `memcompile.analysis.memory`.
     `facts`: `ScheduleFacts.of(joint)`, for a caller simulating many plans of one graph.
     """
-    facts = facts or ScheduleFacts.of(joint)
+    if facts is None:
+        facts = ScheduleFacts.of(joint)
+    elif facts.joint is not joint:
+        raise ValueError("simulate_layout: facts were read from another joint graph; pass "
+                         "ScheduleFacts.of(joint) for this one, or none")
     live = _Live()
     peak = [-1, "", "", 0]  # bytes, phase, node, event number
 
@@ -367,7 +374,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
 def _reusable_bytes(value: tuple, dying: list[tuple], live: _Live) -> int:
     """Bytes of a buffer the op's inputs release for good after it, of the size of the op's new
     output (0 if none): Inductor then writes the output into that buffer."""
-    if not dying or len(value) != 1 or value[0][0] in live.refs:
+    if len(value) != 1 or value[0][0] in live.refs:
         return 0
     nbytes = value[0][1]
     dropped: dict[tuple, int] = {}

@@ -242,8 +242,12 @@ class _Rules:
         if attention.dropout(node):
             return "unknown", None, "attention with dropout (a re-run would draw a new mask)"
         outs = node.meta["val"]
+        # The log-sum-exp holds a row per query, except the memory-efficient kernel's, padded
+        # to a multiple of 32 rows: that one has no sequence dimension to cut.
+        rows = outs[0].shape[2]
         dims = tuple(q if i == 0 else (SeqDim(2) if isinstance(v, torch.Tensor) and v.dim() == 3
-                                       else None) for i, v in enumerate(outs))
+                                       and v.shape[2] == rows else None)
+                     for i, v in enumerate(outs))
         return "mixes", dims, ""
 
     def _squeezed(self, node: fx.Node, seq: SeqDim) -> tuple[Effect, SeqDim | None, str]:
