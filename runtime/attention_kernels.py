@@ -42,14 +42,16 @@ _LSE_ROWS = 32
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-           scale: float | None, op: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+           scale: float | None, op: Any = None, mask: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """`(out, logsumexp, state)` of queries `q` over keys `k` (square and causal if `causal`)
-    on the kernel of the captured attention op `op` (`kernel_kind`); `state` is what
-    `attend_backward` needs from this call beside the tensors."""
+    on the kernel of the captured attention op `op` (`kernel_kind`), plus an additive `mask`
+    if given; `state` is what `attend_backward` needs from this call beside the tensors."""
     kind = kernel_kind(q, k, op)
+    _check_mask(kind, mask)
     if kind == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
-                                                                    scale=scale)
+                                                                    attn_mask=mask, scale=scale)
         return out, lse, None
     if kind == "flash":
         out, lse, cum_q, cum_k, _, _, seed, offset, _ = aten._scaled_dot_product_flash_attention(
@@ -59,20 +61,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, causal, scale=scale)
         return out, lse[..., :q.shape[2]], (seed, offset)
-    out, lse = math_forward(q, k, v, causal, scale)
+    out, lse = math_forward(q, k, v, causal, scale, mask)
     return out, lse, None
 
 
 def attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float | None,
-                    state: Any, op: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    state: Any, op: Any = None, mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of queries, keys and values of one block, given the (merged) output and
-    log-sum-exp the block's softmax is normalized by, and `state` from an `attend` call with
-    the same `op`, device and dtype."""
+    log-sum-exp the block's softmax is normalized by, the block's additive `mask` if any, and
+    `state` from an `attend` call with the same `op`, device and dtype."""
     kind = kernel_kind(q, k, op)
+    _check_mask(kind, mask)
     if kind == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+            grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     if kind == "flash":
         cum_q, cum_k, seed, offset = state
         return aten._scaled_dot_product_flash_attention_backward(
@@ -86,7 +90,13 @@ def attend_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             grad_out, q, k, v, None, out, padded, seed, offset, 0.0, [True, True, True, False],
             causal, scale=scale)
         return dq, dk, dv
-    return math_backward(grad_out, q, k, v, out, lse, causal, scale)
+    return math_backward(grad_out, q, k, v, out, lse, causal, scale, mask)
+
+
+def _check_mask(kind: str, mask: torch.Tensor | None) -> None:
+    if mask is not None and kind not in ("cpu", "math"):
+        raise ValueError(f"chunk attention takes a key mask on the CPU kernel or plain ops, "
+                         f"not on the {kind} kernel (the key-mask pass rewrites CPU graphs only)")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -128,11 +138,17 @@ def _grouped(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, causal: bool,
-                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled scores `(B, Hkv, G, L, S)` in at least float32 and, given `lse`, the softmax."""
+                   scale: float | None, mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled scores `(B, Hkv, G, L, S)` in at least float32 (plus the additive `mask`) and,
+    given `lse`, the softmax."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = _grouped(q, k).to(dtype) @ k.to(dtype).unsqueeze(2).transpose(-1, -2) * scale
+    if mask is not None:
+        # (B|1, H|1, L|1, S) over query heads: grouped as the scores are, or broadcast.
+        heads = mask.unsqueeze(2) if mask.shape[1] == 1 else _grouped(mask, k)
+        scores = scores + heads.to(dtype)
     if causal:
         hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
@@ -142,19 +158,23 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, c
 
 
 def math_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                 scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(out, logsumexp)` of attention in plain tensor ops (grouped heads broadcast, not copied)."""
-    scores, _ = _probabilities(q, k, None, causal, scale)
+                 scale: float | None, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(out, logsumexp)` of attention in plain tensor ops (grouped heads broadcast, not copied).
+    A query that sees no key gets output 0 and log-sum-exp 0, as the fused kernels give."""
+    scores, _ = _probabilities(q, k, None, causal, scale, mask)
     lse = torch.logsumexp(scores, dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = torch.exp(scores - lse.unsqueeze(-1)) @ v.to(scores.dtype).unsqueeze(2)
     return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:3])
 
 
 def math_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float | None
+                  out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float | None,
+                  mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused kernels' backward in plain tensor ops: the softmax is rebuilt from `lse`."""
-    _, probs = _probabilities(q, k, lse, causal, scale)
+    _, probs = _probabilities(q, k, lse, causal, scale, mask)
     dtype = probs.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     d_out = _grouped(grad_out, k).to(dtype)

@@ -27,28 +27,43 @@ class PrefixCausalAttention(torch.autograd.Function):
     transients are block-sized. With `sinks` (two buffers shaped as `k` and `v`), the keys' and
     values' gradients are added into them and none is returned: a caller summing those
     gradients over chunks then holds no whole-length gradient per chunk.
+
+    With `mask`, an additive mask over keys alone (`(B|1, H|1, 1, e)`: padding), each block
+    sees its columns of it. A query that sees no key of a block (all its keys padded) gets a
+    log-sum-exp of -inf there, so the block weighs nothing in the merge; one that sees no key
+    at all gets output 0 and log-sum-exp 0, the kernels' own convention for such a row.
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None,
-                op: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                op: Any, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = k.shape[2] - q.shape[2]
-        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, op)
+        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, op,
+                                 _columns(mask, prefix, None))
+        lse = _unseen_to_minus_infinity(lse, _columns(mask, prefix, None), causal=True)
         if prefix:
-            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, op)
+            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, op,
+                                     _columns(mask, 0, prefix))
+            lse_p = _unseen_to_minus_infinity(lse_p, _columns(mask, 0, prefix), causal=False)
             merged = torch.logaddexp(lse_p, lse)
-            out = (out_p * torch.exp(lse_p - merged).unsqueeze(-1)
-                   + out * torch.exp(lse - merged).unsqueeze(-1)).to(q.dtype)
-            lse = merged
-        ctx.save_for_backward(q, k, v, out, lse)
+        else:
+            merged = lse
+        if mask is not None or prefix:
+            # A row that sees no key: output 0, log-sum-exp 0 (no NaN from -inf - -inf).
+            merged = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+            out = out * torch.exp(lse - merged).unsqueeze(-1)
+            if prefix:
+                out = out + out_p * torch.exp(lse_p - merged).unsqueeze(-1)
+            out, lse = out.to(q.dtype), merged
+        ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, state, op
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, mask = ctx.saved_tensors
         queries, keys = q.shape[2], k.shape[2]
         grad_out = grad_out.contiguous()
         # Sums over blocks stay in float32 for half-precision tensors, as in one kernel call.
@@ -60,14 +75,32 @@ class PrefixCausalAttention(torch.autograd.Function):
         # gives that block's exact share: the softmax's normalizer is the merged one.
         for a, b, causal in _key_blocks(keys - queries, keys, max(queries, KEY_BLOCK)):
             dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
-                                         causal, ctx.scale, ctx.state, ctx.op)
+                                         causal, ctx.scale, ctx.state, ctx.op,
+                                         _columns(mask, a, b))
             grad_q = dq.to(wide) if grad_q is None else grad_q.add_(dq)
             grad_k[:, :, a:b].add_(dk)
             grad_v[:, :, a:b].add_(dv)
         grad_q = grad_q.to(q.dtype)
         if ctx.sinks is not None:
-            return grad_q, None, None, None, None, None
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+            return grad_q, None, None, None, None, None, None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+
+
+def _columns(mask: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
+    """A key mask's columns `[start, stop)` (None stays None)."""
+    return None if mask is None else mask[..., start:stop]
+
+
+def _unseen_to_minus_infinity(lse: torch.Tensor, mask: torch.Tensor | None,
+                              causal: bool) -> torch.Tensor:
+    """`lse` with -inf where a query sees none of the block's keys under the key `mask`: the
+    kernels return 0 there, which a merge would count as a real block."""
+    if mask is None:
+        return lse
+    visible = mask[..., 0, :] > float("-inf")  # (B|1, H|1, keys)
+    # Square causal block: row r sees keys 0..r; otherwise every row sees every key.
+    seen = visible.cumsum(-1) > 0 if causal else visible.any(-1, keepdim=True)
+    return torch.where(seen, lse, torch.full_like(lse, float("-inf")))
 
 
 KEY_BLOCK = 1024
@@ -83,10 +116,16 @@ def _key_blocks(prefix: int, keys: int, block: int) -> list[tuple[int, int, bool
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             scale: float | None = None,
                             sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            op: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            op: Any = None, mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the last `q.shape[2]` positions over keys `[0, k.shape[2])` on the
-    kernel of the captured attention op `op` (`attention_kernels.kernel_kind`); with `sinks`,
-    the keys' and values' gradients are added into them (`PrefixCausalAttention`)."""
-    if k.shape[2] == q.shape[2] and sinks is None:
+    kernel of the captured attention op `op` (`attention_kernels.kernel_kind`), under an
+    additive `mask` over keys alone if given; with `sinks`, the keys' and values' gradients
+    are added into them (`PrefixCausalAttention`)."""
+    if mask is not None and (mask.dim() != 4 or mask.shape[-2] != 1):
+        raise ValueError(f"prefix_causal_attention: mask {tuple(mask.shape)} must be over keys "
+                         "alone, (B|1, H|1, 1, keys); a mask over queries and keys is sliced "
+                         "by the caller instead")
+    if k.shape[2] == q.shape[2] and sinks is None and mask is None:
         return attend(q, k, v, True, scale, op)[:2]
-    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op)
+    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)

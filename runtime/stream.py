@@ -250,7 +250,11 @@ class ChunkRunner:
         k_node, v_node = node.args[1:3]
         pair = (sinks[k_node], sinks[v_node]) if (
             sinks and k_node in sinks and v_node in sinks) else None
-        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target)
+        position = attention.LAYOUTS[node.target].mask
+        key_mask = kwargs.get(position) if isinstance(position, str) else (
+            args[position] if position is not None and len(args) > position else None)
+        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target,
+                                           key_mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
 
 def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],

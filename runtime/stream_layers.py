@@ -265,9 +265,12 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
 
 
 def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
-    """Whether every attention mask of the layer hides later keys (else chunks need all keys)."""
+    """Whether every attention mask of the layer hides later keys (else chunks need all keys).
+    A causal kernel's mask is over keys alone (`passes.key_mask`): the kernel hides them."""
     for node in runner.region.nodes:
-        mask = attention.mask(node) if node.target in ATTENTION_OPS else None
+        if node.target not in ATTENTION_OPS or attention.is_causal(node):
+            continue
+        mask = attention.mask(node)
         if isinstance(mask, fx.Node) and isinstance(whole.get(mask), torch.Tensor):
             if not mask_is_causal(whole[mask]):
                 log.warning("stream: %s's mask lets queries see later keys; the layer's "

@@ -117,3 +117,36 @@ def test_math_kernel_equals_the_cpu_kernel(causal, heads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     full = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(out, full, rtol=0, atol=1e-13)
+
+
+def _mask_graph(window: int | None):
+    """make_fx of transformers' padding mask: where(causal & padding [& window], 0, -inf)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def mask_of(pad: torch.Tensor) -> torch.Tensor:
+        length = pad.shape[1]
+        q = torch.arange(length)[None, None, :, None]
+        k = torch.arange(length)[None, None, None, :]
+        visible = (k <= q) & pad[:, None, None, :]
+        if window is not None:
+            visible = visible & (q - k < window)
+        zero, hidden = torch.scalar_tensor(0.0), torch.scalar_tensor(float("-inf"))
+        return torch.where(visible.expand(2, 1, length, length), zero, hidden)
+
+    gm = make_fx(mask_of, tracing_mode="fake")(torch.ones(2, 6, dtype=torch.bool))
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+
+def test_a_padding_mask_splits_into_the_causal_rule_and_keys():
+    from memcompile.passes.key_mask import KeyMaskSplit, split_key_mask
+
+    found = split_key_mask(_mask_graph(None))
+    assert isinstance(found, KeyMaskSplit)
+    assert [tuple(t.meta["val"].shape) for t in found.keys] == [(2, 1, 1, 6)]
+
+
+def test_a_window_mask_is_not_split_and_says_why():
+    from memcompile.passes.key_mask import split_key_mask
+
+    reason = split_key_mask(_mask_graph(3))
+    assert isinstance(reason, str) and "varies along the queries" in reason

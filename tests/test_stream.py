@@ -323,10 +323,42 @@ def test_a_constant_causal_mask_is_replaced_by_the_causal_kernel():
     assert len(replaced) == model.config.num_hidden_layers
     assert all("equals the causal mask; replaced by the causal kernel" in t for t in replaced)
     assert "attn_mask" not in record.forward_code
-    _, records = _stream_step(model, _hf_batch("left"),
-                              {"runtime": "eager", "stream": {"chunk_size": 5}})
-    assert any("depends on the inputs (a padding mask): kept" in t
-               for _, t in records[0].notes)
+
+
+@pytest.mark.parametrize("padding,pad", [("left", 9), ("right", 9)])
+def test_a_padding_mask_becomes_the_causal_kernel_and_a_mask_over_keys(padding, pad):
+    """transformers' (batch, 1, T, T) padding mask splits into the causal rule and a
+    (batch, 1, 1, T) mask over keys: nothing quadratic in the length remains. Nine padded
+    tokens and chunks of 4: whole chunks of queries see no key at all (left padding), and
+    their prefix blocks are all padding. Held to the float32 rule, as the other Hugging Face
+    models (their RMSNorm computes in float32)."""
+    eager32 = build_hf_model("llama", dtype=torch.float32, seed=0)
+    ref64 = clone_model(eager32, dtype=torch.float64)
+    model = clone_model(eager32)
+    length = 20
+    batch = _hf_batch(None, length=length)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, :pad] = 0 if padding == "left" else 1
+    mask[0, length - pad:] = 0 if padding == "right" else 1
+    batch["attention_mask"] = mask
+    batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
+    options = {"runtime": "eager", "stream": {"chunk_size": 4, "logits_chunk_size": 4}}
+    loss, records = _stream_step(model, clone_inputs(batch), options)
+    loss64 = _eager_step(ref64, clone_inputs(batch))
+    err, where = worst_error(loss, loss64, model, ref64)
+    eager_err, _ = worst_error(_eager_step(eager32, clone_inputs(batch)), loss64, eager32, ref64)
+    assert err <= float32_tolerance(eager_err), (
+        f"worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    (record,) = records
+    split = [t for name, t in record.notes if name == "causal_mask"]
+    assert len(split) == model.config.num_hidden_layers
+    assert all("is the causal rule and a mask over keys" in t and "(2, 1, 1, 20)" in t
+               for t in split)
+    nodes = {n for region in record.stream_plan.regions for n in region.nodes}
+    nodes |= {a for n in nodes for a in n.all_input_nodes}
+    quadratic = [n.name for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)
+                 and list(n.meta["val"].shape[-2:]) == [length, length]]
+    assert not quadratic, quadratic
 
 
 def test_a_model_returning_its_logits_keeps_the_head_whole_and_says_why():
@@ -677,3 +709,47 @@ def test_bfloat16_streams_within_the_reduced_precision_rule():
     eager_err, _ = worst_error(loss16, loss64, eager16, ref64)
     assert err <= 1.5 * eager_err, (
         f"worst relative error {err:.3e} at {where}; eager's {eager_err:.3e}")
+
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "math"])
+def test_chunk_attention_under_a_key_mask_equals_the_whole_kernel(monkeypatch, kernel):
+    """A key mask hiding keys 0-8 of 16: queries 4-8 see no key at all, and the chunk of
+    queries 8-12 has a prefix block that is all padding. Output, log-sum-exp and gradients
+    (keys' and values' into sinks, blocks of 3 keys) equal the kernel run over the whole
+    length, in float64."""
+    import memcompile.runtime.attention_kernels as attention_kernels
+    import memcompile.runtime.chunk_attention as chunk_attention
+
+    monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 3)
+    monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k, op=None: kernel)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.float64, generator=gen).requires_grad_()
+               for h in (4, 2, 2))
+    mask = torch.zeros(2, 1, 1, 16, dtype=torch.float64)
+    mask[0, ..., :9] = float("-inf")
+    full, full_lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True,
+                                                                      attn_mask=mask)
+    grad = torch.randn(full.shape, dtype=torch.float64, generator=gen)
+    for first, end in ((4, 8), (8, 12), (12, 16)):
+        expected = torch.autograd.grad(full[:, :, first:end], (q, k, v), grad[:, :, first:end],
+                                       retain_graph=True)
+        sinks = (torch.zeros_like(k), torch.zeros_like(v))
+        out, lse = chunk_attention.prefix_causal_attention(
+            q[:, :, first:end], k[:, :, :end], v[:, :, :end], None, sinks,
+            mask=mask[..., :end])
+        torch.testing.assert_close(out, full[:, :, first:end], rtol=0, atol=1e-14)
+        torch.testing.assert_close(lse, full_lse[:, :, first:end], rtol=0, atol=1e-13)
+        (grad_q,) = torch.autograd.grad(out, q, grad[:, :, first:end])
+        torch.testing.assert_close(grad_q, expected[0], rtol=0, atol=1e-13)
+        torch.testing.assert_close(sinks[0], expected[1], rtol=0, atol=1e-13)
+        torch.testing.assert_close(sinks[1], expected[2], rtol=0, atol=1e-13)
+
+
+def test_a_mask_over_queries_is_refused_by_chunk_attention():
+    from memcompile.runtime.chunk_attention import prefix_causal_attention
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"must be over keys alone, \(B\|1, H\|1, 1, keys\)"):
+        prefix_causal_attention(q, torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8),
+                                mask=torch.zeros(1, 1, 4, 8))
