@@ -74,4 +74,4 @@ def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> li
 def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
-    from memcompile.passes import remat_plan, remove_noops  # noqa: F401
+    from memcompile.passes import embedding_backward, remat_plan, remove_noops  # noqa: F401

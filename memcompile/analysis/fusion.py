@@ -100,8 +100,9 @@ def unmaterialized(
     """The nodes of one graph (`order`, topological) whose values Inductor never stores.
 
     A node qualifies when its op inlines (or it is an alias of its inputs), the graph does not
-    return it, and each of its readers in this graph absorbs it: a pointwise op or reduction, or
-    an alias that itself qualifies. Readers outside `order` (the other graph) are not this
+    return it, and each of its readers in this graph absorbs it: a pointwise op or reduction, an
+    alias that itself qualifies, or a scatter reading it as anything but its destination (its
+    added values are computed inside the scatter's kernel; the destination is a real buffer). Readers outside `order` (the other graph) are not this
     graph's concern: a value the other graph reads is in `returned` when it is handed over.
     """
     order = list(order)
@@ -115,7 +116,8 @@ def unmaterialized(
         if node in returned or not (node_kinds[node][0] or node in alias_nodes):
             continue
         readers = [u for u in node.users if u in members]
-        if readers and all(u in fused or (node_kinds[u][1] and u not in alias_nodes)
-                           for u in readers):
+        if readers and all(u in fused or (u not in alias_nodes and (
+                node_kinds[u][1] or (node_kinds[u][2] and u.args[0] is not node)))
+                for u in readers):
             fused.add(node)
     return fused
