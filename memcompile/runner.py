@@ -64,7 +64,7 @@ def run_passes(
     graph_name: str,
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
     """Run the pipeline the options name on `gm`; return the result and one record per pass."""
-    names = resolve_pipeline(options.passes, options.disable_passes)
+    names = resolve_pipeline(options.passes, options.disable_passes, options.runtime)
     log.info("%s: running passes %s", graph_name, names or "(none)")
     records: list[PassRecord] = []
     for index, name in enumerate(names):

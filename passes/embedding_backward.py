@@ -42,12 +42,12 @@ def _(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: int)
     return grad.new_empty((num_weights, grad.shape[-1]))
 
 
-@register_pass(PASS_NAME, default=True, rank=90)  # before plan_remat prices the graph
+@register_pass(PASS_NAME, default=True, rank=90, runtimes=("inductor",))  # before plan_remat
 def extern_embedding_backward_pass(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None
 ) -> fx.GraphModule:
     """Replace each decomposed embedding weight gradient by `memcompile::embedding_dense_backward`
-    (Inductor runtime only)."""
+    (in the Inductor runtime's pipeline; asked for under another runtime, it does nothing)."""
     if getattr(options, "runtime", "inductor") != "inductor":
         return gm
     replaced = 0

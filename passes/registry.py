@@ -17,18 +17,21 @@ PassFn = Callable[..., fx.GraphModule]
 PASSES: dict[str, PassFn] = {}
 _RANK: dict[str, int] = {}
 _DEFAULT: set[str] = set()
+_RUNTIMES: dict[str, tuple[str, ...] | None] = {}
 
 
-def register_pass(name: str, *, default: bool = False, rank: int = 0
-                  ) -> Callable[[PassFn], PassFn]:
+def register_pass(name: str, *, default: bool = False, rank: int = 0,
+                  runtimes: tuple[str, ...] | None = None) -> Callable[[PassFn], PassFn]:
     """Register a pass under `name`; `default=True` puts it in the default pipeline, where
-    passes run by `rank` (lower first), whatever order their modules were imported in."""
+    passes run by `rank` (lower first), whatever order their modules were imported in.
+    `runtimes`: the runtimes whose default pipeline holds it (None: every one)."""
 
     def wrap(fn: PassFn) -> PassFn:
         if name in PASSES and PASSES[name] is not fn:
             raise ValueError(f"a pass named {name!r} is already registered")
         PASSES[name] = fn
         _RANK[name] = rank
+        _RUNTIMES[name] = runtimes
         if default:
             _DEFAULT.add(name)
         return fn
@@ -57,15 +60,18 @@ def pass_names() -> list[str]:
     return _ranked(list(PASSES))
 
 
-def default_pipeline() -> list[str]:
-    """The default pipeline, in the order it runs."""
+def default_pipeline(runtime: str | None = None) -> list[str]:
+    """The default pipeline for `runtime` (None: every runtime's passes), in the order it runs."""
     _load_builtin_passes()
-    return _ranked(_DEFAULT)
+    return _ranked({n for n in _DEFAULT
+                    if runtime is None or _RUNTIMES[n] is None or runtime in _RUNTIMES[n]})
 
 
-def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str]) -> list[str]:
-    """The pass names to run: `passes` (or the default pipeline) less those in `disable`."""
-    names = default_pipeline() if passes is None else list(passes)
+def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str],
+                     runtime: str | None = None) -> list[str]:
+    """The pass names to run: `passes` (or `runtime`'s default pipeline) less those in
+    `disable`."""
+    names = default_pipeline(runtime) if passes is None else list(passes)
     for name in [*names, *disable]:
         get_pass(name)
     return [n for n in names if n not in set(disable)]

@@ -82,7 +82,8 @@ def test_a_numeric_budget_under_stream_cannot_be_combined_with_fixed_checkpoints
 
 def test_pass_names_are_checked_against_the_registry():
     assert Options(passes=["remove_noops"]).passes == ("remove_noops",)
-    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops, plan_remat"):
+    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops, "
+                                           "extern_embedding_backward, plan_remat"):
         Options(disable_passes=["nope"])
     with pytest.raises(OptionsError, match="a list of pass names"):
         Options(passes="remove_noops")

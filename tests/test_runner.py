@@ -128,7 +128,7 @@ def test_a_pass_must_return_a_graph_module(test_passes):
 
 
 def test_unknown_pass_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid passes: remove_noops, plan_remat"):
+    with pytest.raises(ValueError, match="valid passes: remove_noops, extern_embedding_backward, plan_remat"):
         registry.get_pass("nope")
 
 
@@ -164,3 +164,11 @@ def test_dump_dir_gets_the_split_and_the_decisions(tmp_path):
     rows = (folder / "decisions.tsv").read_text().splitlines()
     assert rows[0] == "pass\tkind\tnode\tbytes\treason"
     assert any(row.startswith("plan_remat\tsaved\ttanh\t64\t") for row in rows)
+
+
+def test_the_default_pipeline_depends_on_the_runtime():
+    from memcompile.passes.registry import default_pipeline
+
+    assert default_pipeline("eager") == ["remove_noops", "plan_remat"]
+    assert default_pipeline("inductor") == ["remove_noops", "extern_embedding_backward",
+                                            "plan_remat"]
