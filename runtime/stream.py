@@ -240,8 +240,8 @@ class ChunkRunner:
         """Attention for queries `[first, end)` over keys `[0, end)`, causal at the lower right.
 
         A kernel's `is_causal` aligns at the top left when there are fewer queries than keys,
-        so such a chunk runs as blocks of keys without a mask (`chunk_attention`), on whichever
-        kernel the device has. The result has the captured kernel's outputs: output and
+        so such a chunk runs as blocks of keys without a causal mask (`chunk_attention`), on
+        the captured kernel, with a mask over keys alone if the call has one (`key_mask`). The result has the captured kernel's outputs: output and
         log-sum-exp, the rest (sequence offsets, random state: unused without dropout) None.
         """
         if not attention.is_causal(node) or first == 0:
@@ -250,9 +250,7 @@ class ChunkRunner:
         k_node, v_node = node.args[1:3]
         pair = (sinks[k_node], sinks[v_node]) if (
             sinks and k_node in sinks and v_node in sinks) else None
-        position = attention.LAYOUTS[node.target].mask
-        key_mask = kwargs.get(position) if isinstance(position, str) else (
-            args[position] if position is not None and len(args) > position else None)
+        key_mask = attention.call_mask(node.target, args, kwargs)
         out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target,
                                            key_mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)

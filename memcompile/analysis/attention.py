@@ -9,6 +9,7 @@ the kernels' own schemas, so none assumes the CPU kernel's layout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,29 +56,37 @@ ATTENTION_OPS = (
 LAYOUTS: dict[Any, AttentionLayout] = {op: AttentionLayout.of(op) for op in ATTENTION_OPS}
 
 
-def _argument(node: fx.Node, position: int | str, default: Any = None) -> Any:
+def _argument(target: Any, args: Sequence[Any], kwargs: dict[str, Any], position: int | str,
+              default: Any = None) -> Any:
     if isinstance(position, str):
-        return node.kwargs.get(position, default)
-    if len(node.args) > position:
-        return node.args[position]
-    name = node.target._schema.arguments[position].name  # type: ignore[union-attr]
-    return node.kwargs.get(name, default)
+        return kwargs.get(position, default)
+    if len(args) > position:
+        return args[position]
+    return kwargs.get(target._schema.arguments[position].name, default)
 
 
 def is_causal(node: fx.Node) -> bool:
     """Whether the attention call `node` applies the causal rule itself."""
-    return bool(_argument(node, LAYOUTS[node.target].causal, False))
+    return bool(_argument(node.target, node.args, node.kwargs, LAYOUTS[node.target].causal,
+                          False))
 
 
 def dropout(node: fx.Node) -> float:
     """The attention call's dropout probability (0.0 when none)."""
-    return _argument(node, LAYOUTS[node.target].dropout, 0.0) or 0.0
+    return _argument(node.target, node.args, node.kwargs, LAYOUTS[node.target].dropout,
+                     0.0) or 0.0
 
 
 def mask(node: fx.Node) -> Any:
     """The attention call's mask or bias argument (a node), or None."""
-    position = LAYOUTS[node.target].mask
-    return None if position is None else _argument(node, position)
+    return call_mask(node.target, node.args, node.kwargs)
+
+
+def call_mask(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The mask or bias among the arguments of a call of the attention kernel `target`, or
+    None (for a call about to run, with its arguments already loaded)."""
+    position = LAYOUTS[target].mask
+    return None if position is None else _argument(target, args, kwargs, position)
 
 
 def with_causal(args: tuple, kwargs: dict, target: Any, causal: bool) -> tuple[tuple, dict]:
