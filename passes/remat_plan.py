@@ -25,6 +25,7 @@ The pass only decides: it tags each forward value the backward reads `"save"` or
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -304,6 +305,19 @@ def plan(joint: JointGraph, budget: Any, cost: CostModel, *, fusion: bool = Fals
          ) -> tuple[PlanPoint, RematSummary, RematPlanner]:
     """The plan for `budget` ("auto", None, a fraction or bytes), what the planner saw, and the
     planner (its chain, its per-node seconds). `fusion`: price on Inductor's buffers."""
+    # Simulating a plan makes many short-lived containers and no cycles: the collector's
+    # passes over the graph's objects would cost a quarter of the planner's time.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _plan(joint, budget, cost, fusion)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan(joint: JointGraph, budget: Any, cost: CostModel, fusion: bool
+          ) -> tuple[PlanPoint, RematSummary, RematPlanner]:
     start = time.perf_counter()
     planner = RematPlanner(joint, cost, fusion=fusion)
     budget_bytes = resolve_budget(budget, planner)

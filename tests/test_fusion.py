@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from helpers import compile_memcompile, train_step
 from torch._inductor.decomposition import select_decomp_table
 
-from memcompile.analysis.fusion import unmaterialized
+from memcompile.analysis.fusion import aliases, kernel_order, kinds, unmaterialized
 from memcompile.analysis.joint import _storages
 from memcompile.analysis.schedule import layout, simulate_layout
 from memcompile.models import build_model, make_batch
@@ -29,6 +29,14 @@ def _inlined(fn, *args, returned=()):
     outputs = {o for o in gm.graph.output_node().all_input_nodes}
     picked = {n for n in nodes if n.name in returned}
     return {n.name for n in unmaterialized(nodes, outputs | picked, storages)}
+
+
+def _kernel_order(fn, *args):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    storages = {n: _storages(n) for n in gm.graph.nodes}
+    order = kernel_order(nodes, kinds(gm.graph.nodes), aliases(nodes, storages))
+    return [n.name for n in order]
 
 
 def test_pointwise_and_views_read_by_fused_kernels_are_inlined():
@@ -83,6 +91,14 @@ def test_swiglu_peak_in_exact_bytes_eager_and_inductor():
     assert eager.saved_bytes == inductor.saved_bytes == 12 * MiB + 4
     assert (eager.peak_bytes, eager.peak_node) == (16 * MiB + 8, "mul_1")
     assert (inductor.peak_bytes, inductor.peak_node) == (13 * MiB + 8, "mm_2")
+    # The order Inductor's kernels run in is the same ops, each after what it reads.
+    for order in (save_all.forward_order, save_all.backward_order):
+        ran = kernel_order(order, kinds(joint.gm.graph.nodes), joint.aliases, joint.inputs)
+        assert sorted(n.name for n in ran) == sorted(n.name for n in order)
+        done = set()
+        for node in ran:
+            assert all(i in done for i in joint.inputs[node] if i in set(order))
+            done.add(node)
 
 
 def test_an_embedding_gradient_scatters_into_its_zeros_and_the_tangent_dies_early():
@@ -122,3 +138,65 @@ def test_the_inductor_runtime_prices_plans_on_inductors_buffers():
     assert record.plan.priced_on == "inductor"
     assert record.plan.chosen_peak <= record.plan.save_all_peak
     assert any("on inductor's buffers" in text for _, text in record.notes)
+
+
+def test_an_expensive_value_read_across_a_matmul_is_stored_once():
+    """
+    s = sigmoid(x)      read by two kernels a matmul apart: on CPU Inductor computes an exp
+    a = s * 2           once and stores it (should_realize_on_reuse), not once per reader
+    h = mm(a, w)
+    out = sum(h * s)    h * s is inlined into the sum
+    """
+    def f(x, w):
+        s = torch.sigmoid(x)
+        return (torch.mm(s * 2, w) * s).sum()
+
+    assert _inlined(f, torch.randn(4, 4), torch.randn(4, 4)) == {"mul_1"}
+
+
+def test_an_expensive_value_whose_readers_share_a_kernel_stays_inlined():
+    """Both readers of sigmoid run in one generated kernel: the value never leaves it. A cheap
+    value (relu) read across a matmul is inlined into each reader."""
+    def together(x):
+        s = torch.sigmoid(x)
+        return (s * 2).sum() + (s * 3).sum()
+
+    def cheap(x, w):
+        r = torch.relu(x)
+        return (torch.mm(r * 2, w) * r).sum()
+
+    assert {"sigmoid", "mul", "mul_1"} <= _inlined(together, torch.randn(4, 4))
+    assert "relu" in _inlined(cheap, torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_a_kernel_runs_where_its_reader_runs():
+    """t = y * 2 is read only by the add after the matmul: Inductor fuses it into the add's
+    kernel, so it runs after the matmul, not before."""
+    def f(x, w, y):
+        t = y * 2
+        return torch.mm(x, w) + t
+
+    assert _kernel_order(f, *(torch.randn(4, 4) for _ in range(3))) == ["mm", "mul", "add"]
+
+
+def test_kernels_sharing_a_read_fuse_and_pull_what_they_need_ahead():
+    """
+    a = x * 2; p = mm(a, w)       kernel A, then a matmul that needs it
+    g = mm(v, w); b = g * x       a matmul, then kernel B: same size as A, reads x too
+    Inductor fuses A and B into one kernel where A stood; B needs g, so that matmul runs first.
+    """
+    def f(x, w, v):
+        p = torch.mm(x * 2, w)
+        return p, torch.mm(v, w) * x
+
+    assert _kernel_order(f, *(torch.randn(4, 4) for _ in range(3))) == [
+        "mm_1", "mul", "mul_1", "mm"]
+
+
+def test_kernels_are_not_fused_across_a_dependency():
+    """b reads x like a does, but needs a through the matmul: fused, the kernel would wait on
+    itself, so the order stays."""
+    def f(x, w):
+        return torch.mm(x * 2, w) * x
+
+    assert _kernel_order(f, torch.randn(4, 4), torch.randn(4, 4)) == ["mul", "mm", "mul_1"]
