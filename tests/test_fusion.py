@@ -8,7 +8,11 @@ the save-everything plan of `small` at 1,024 tokens at 362.2 MiB, measured 362.2
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from helpers import compile_memcompile, train_step
@@ -200,3 +204,39 @@ def test_kernels_are_not_fused_across_a_dependency():
         return torch.mm(x * 2, w) * x
 
     assert _kernel_order(f, torch.randn(4, 4), torch.randn(4, 4)) == ["mul", "mm", "mul_1"]
+
+
+@st.composite
+def _random_programs(draw):
+    """Straight-line programs over 4x4 values: matmuls (extern kernels) and pointwise ops, each
+    reading two earlier values; every value has one size, so kernels fuse side by side freely."""
+    steps = []
+    for i in range(draw(st.integers(3, 14))):
+        op = draw(st.sampled_from(["mm", "add", "mul", "sigmoid"]))
+        steps.append((op, draw(st.integers(0, i + 1)), draw(st.integers(0, i + 1))))
+    return steps
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=_random_programs())
+def test_kernel_order_is_a_topological_order_of_the_same_ops(caplog, steps):
+    def program(x, y):
+        values = [x, y]
+        for op, a, b in steps:
+            u, v = values[a], values[b]
+            values.append(torch.mm(u, v) if op == "mm" else u + v if op == "add"
+                          else u * v if op == "mul" else torch.sigmoid(u))
+        return values[2:]
+
+    gm = make_fx(program, tracing_mode="fake")(torch.randn(4, 4), torch.randn(4, 4))
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    storages = {n: _storages(n) for n in gm.graph.nodes}
+    with caplog.at_level(logging.DEBUG, logger="memcompile.analysis.fusion"):
+        ran = kernel_order(nodes, kinds(gm.graph.nodes), aliases(nodes, storages))
+    assert sorted(n.name for n in ran) == sorted(n.name for n in nodes)
+    done: set = set()
+    for node in ran:
+        assert all(i in done for i in node.all_input_nodes if i in set(nodes))
+        done.add(node)
+    assert "made a cycle" not in caplog.text

@@ -21,9 +21,8 @@ simulations per graph.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from operator import getitem
 
 import torch
@@ -31,7 +30,7 @@ import torch.fx as fx
 
 from memcompile.analysis.fusion import OpKind, kernel_order, kinds, unmaterialized
 from memcompile.analysis.joint import JointGraph
-from memcompile.analysis.memory import _obeys_layout_contract
+from memcompile.analysis.memory import _obeys_layout_contract, concrete
 
 _EXTERNAL, _FORWARD, _BACKWARD, _TANGENT = "X", "F", "B", "T"
 
@@ -168,15 +167,17 @@ class ScheduleFacts:
     its parameter's layout: AccumulateGrad copies it."""
     kinds: dict[fx.Node, OpKind]
     """`analysis.fusion.kinds` of every node."""
-    kernel_orders: dict[tuple[fx.Node, ...], list[fx.Node]] = field(default_factory=dict)
-    """`analysis.fusion.kernel_order` of each graph order seen: most plans share the forward's."""
+    _kernel_orders: dict[tuple[fx.Node, ...], list[fx.Node]] = field(
+        default_factory=dict, repr=False, compare=False)
+    """`analysis.fusion.kernel_order` of each graph order seen (one per distinct backward; the
+    plans of one graph share the forward's)."""
 
     def kernel_order(self, order: list[fx.Node]) -> list[fx.Node]:
         """How Inductor runs `order` (`analysis.fusion.kernel_order`), remembered."""
         key = tuple(order)
-        found = self.kernel_orders.get(key)
+        found = self._kernel_orders.get(key)
         if found is None:
-            found = self.kernel_orders[key] = kernel_order(
+            found = self._kernel_orders[key] = kernel_order(
                 order, self.kinds, self.joint.aliases, self.joint.inputs)
         return found
 
@@ -190,7 +191,7 @@ class ScheduleFacts:
             param = primal.meta.get("val")
             if (isinstance(grad, fx.Node) and own.get(grad) and isinstance(param, torch.Tensor)
                     and not _obeys_layout_contract(grad.meta["val"], param)):
-                relaid.append((i, int(param.numel()) * param.element_size()))
+                relaid.append((i, concrete(param.numel()) * param.element_size()))
         nodes_of: dict[int, list[fx.Node]] = {}
         for n, s in own.items():
             for k, _ in s:
@@ -240,7 +241,9 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     """Simulate one step of `plan`: bytes above what was live at its start, at every op.
 
     `fusion=True` models Inductor's code instead of the eager runtime's: values Inductor inlines
-    into their readers' kernels hold no buffer (`analysis.fusion.unmaterialized`).
+    into their readers' kernels hold no buffer (`analysis.fusion.unmaterialized`), ops run in
+    the order of Inductor's kernels (`analysis.fusion.kernel_order`), and the ops between two
+    extern kernels run as one kernel (`_run`).
     `drop_outputs=True`: the caller keeps only scalar outputs (the loss it calls `backward` on)
     and drops the others (logits) before the backward, as `model(**batch).loss.backward()`
     does; by default every output stays live, as in `memcompile.analysis.memory`.
@@ -349,9 +352,9 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
     reader, the kernel that computes it. And the ops between two extern kernels run as one
     generated kernel, as Inductor's scheduler fuses them (`_kernels`): all its outputs are
     allocated before it runs and its inputs freed after. An output takes over an input buffer
-    of its size that dies in the kernel and that no other op of the kernel reads, as Inductor's
-    in-place reuse does (a scatter: its first input only). `node_kinds`:
-    `analysis.fusion.kinds` of the order's nodes; `alias_nodes`: the views among them.
+    of its size that dies in the kernel and that only the output's own ancestors in the kernel
+    read besides it, as Inductor's in-place reuse does (a scatter: its first input only).
+    `node_kinds`: `analysis.fusion.kinds` of the order's nodes; `alias_nodes`: the views.
     """
     members = set(order)
     if inlined is not None and node_kinds is None:
@@ -454,18 +457,16 @@ def _precede(others: list[fx.Node], node: fx.Node, group: list[fx.Node], inputs)
     return all(o in ancestors for o in others)
 
 
-def _kernels(order: list[fx.Node], inlined: set[fx.Node], node_kinds: dict[fx.Node, Any],
+def _kernels(order: list[fx.Node], inlined: set[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
              alias_nodes: frozenset[fx.Node] = frozenset()) -> list[list[fx.Node]]:
-    """`order` cut into the kernels Inductor runs: each extern op alone (a matmul, attention,
-    a getitem of its results), and each run of ops between two extern ops as one generated
-    kernel (its scheduler fuses them; in the backward of `small` at 1,024 tokens, 2 of 86 gaps
-    between extern ops held two generated kernels, the rest one or none). Views run nowhere."""
+    """`order` cut into the kernels Inductor runs: each extern op alone (a matmul, attention),
+    and each run of ops between two extern ops as one generated kernel (its scheduler fuses
+    them; in the backward of `small` at 1,024 tokens, 2 of 86 gaps between extern ops held two
+    generated kernels, the rest one or none). Views run nowhere."""
     groups: list[list[fx.Node]] = []
     run: list[fx.Node] = []
     for node in order:
-        kind = node_kinds[node]
-        if (node in inlined or kind.inlines or kind.absorbs or kind.scatter
-                or node in alias_nodes):
+        if node_kinds[node].generated or node in inlined or node in alias_nodes:
             run.append(node)
             continue
         if run:
@@ -491,8 +492,8 @@ def _reusable_bytes(value: tuple, dying: list[tuple], live: _Live,
         for inst, _ in storages:
             dropped[inst] = dropped.get(inst, 0) + 1
     for inst, count in dropped.items():
-        if (inst not in claimed and live.nbytes[inst] == nbytes
-                and live.refs.get(inst) == count + released.get(inst, 0)):
+        if (live.refs.get(inst) == count + released.get(inst, 0) and inst not in claimed
+                and live.nbytes[inst] == nbytes):
             claimed.add(inst)
             return nbytes
     return 0
