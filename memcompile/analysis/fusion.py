@@ -309,9 +309,22 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
         return node_kinds[node].generated and node not in alias_nodes
 
     anchor: dict[fx.Node, fx.Node] = {}
+
+    def joins_readers(node: fx.Node, readers: list[fx.Node]) -> bool:
+        """Whether `node` runs in its readers' kernel: an inlined op always; a reduction only
+        when the kernels reading it loop over what it reduces (a softmax's sum, a norm's mean
+        with the ops over the row), not over its result alone (a loss's sum with the scalar
+        add after it: Inductor runs that sum right after the matmul it reads)."""
+        if not (generated(node) and all(generated(u) for u in readers)):
+            return False
+        if node_kinds[node].inlines:
+            return True
+        reduced = max((node_kinds[i].numel for i in loads[node]), default=-1)
+        return all(node_kinds[anchor[u]].numel == reduced for u in readers)
+
     for node in reversed(order):
         readers = [u for u in node.users if u in index]
-        if readers and generated(node) and all(generated(u) for u in readers):
+        if readers and joins_readers(node, readers):
             anchor[node] = anchor[min(readers, key=lambda u: index[anchor[u]])]
         else:
             anchor[node] = node
