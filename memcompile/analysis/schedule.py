@@ -385,7 +385,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
             finish([node])
         return
 
-    for group in _kernels(order, inlined, node_kinds, alias_nodes):
+    for group in _kernels(order, node_kinds, alias_nodes):
         for node in group:
             values[node] = (tuple(s for i in inputs[node] for s in values.get(i, ()))
                             if node in inlined else value_of(node))
@@ -457,7 +457,7 @@ def _precede(others: list[fx.Node], node: fx.Node, group: list[fx.Node], inputs)
     return all(o in ancestors for o in others)
 
 
-def _kernels(order: list[fx.Node], inlined: set[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
+def _kernels(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
              alias_nodes: frozenset[fx.Node] = frozenset()) -> list[list[fx.Node]]:
     """`order` cut into the kernels Inductor runs: each extern op alone (a matmul, attention),
     and each run of ops between two extern ops as one generated kernel (its scheduler fuses
@@ -466,7 +466,7 @@ def _kernels(order: list[fx.Node], inlined: set[fx.Node], node_kinds: Mapping[fx
     groups: list[list[fx.Node]] = []
     run: list[fx.Node] = []
     for node in order:
-        if node_kinds[node].generated or node in inlined or node in alias_nodes:
+        if node_kinds[node].generated or node in alias_nodes:  # inlined values are too
             run.append(node)
             continue
         if run:
