@@ -214,6 +214,28 @@ def test_a_lower_budget_never_gives_a_higher_peak(depth, width, act, layer_norm,
         planner.for_budget(low - 1)
 
 
+def test_a_walk_over_layers_in_stretches_reaches_the_same_peaks():
+    """On 24 repeated layers the chain evicts one layer's copy of a value after another; taking
+    that walk in doubling stretches (`RematPlanner._note_walk`) simulates fewer plans, reaches
+    the same least peak as one value at a time, and budgets that fall inside a stretch still
+    get a plan under them, lower budgets lower peaks."""
+    mlp = seeded(lambda: MLPStack([32] * 25, ["tanh"] * 24, layer_norm=True, residual=True))
+    model = WithLoss(mlp, "mse").double()
+    x, target = torch.randn(128, 32, dtype=torch.float64), torch.randn(128, 32,
+                                                                      dtype=torch.float64)
+    joint = joint_of(model, x, target)
+    one_at_a_time = RematPlanner(joint, FIXED_COST, batch=True, stretches=False)
+    stretched = RematPlanner(joint, FIXED_COST, batch=True)
+    reference, chain = one_at_a_time.extend_chain(), stretched.extend_chain()
+    assert any(4 <= len(p.move) < 24 for p in chain)  # a stretch of the walk, not all twins
+    assert stretched.plans_simulated < one_at_a_time.plans_simulated
+    assert min(p.peak_bytes for p in chain) == min(p.peak_bytes for p in reference)
+    budgets = sorted({p.peak_bytes + 1 for p in reference} | {p.peak_bytes for p in reference})
+    peaks = [stretched.for_budget(b).peak_bytes for b in budgets]
+    assert all(p <= b for p, b in zip(peaks, budgets))
+    assert peaks == sorted(peaks)
+
+
 # -- the exhaustive oracle ------------------------------------------------------------------------
 
 

@@ -109,11 +109,9 @@ class OpKind(NamedTuple):
     """Elements of its value (-1: not one tensor): kernels of one size fuse side by side."""
     nbytes: int = 0
     """Bytes of its value."""
-
-    @property
-    def generated(self) -> bool:
-        """Whether Inductor computes it in a kernel it generates (not an extern kernel)."""
-        return self.inlines or self.absorbs or self.scatter
+    generated: bool = False
+    """Whether Inductor computes it in a kernel it generates (not an extern kernel): it
+    inlines, absorbs or scatters."""
 
 
 _KINDS: dict[int, tuple[object, tuple[bool, bool, bool, bool]]] = {}
@@ -166,7 +164,8 @@ def kinds(nodes: Iterable[fx.Node]) -> dict[fx.Node, OpKind]:
             found[n] = OpKind(False, False, False, False, on_cpu, numel, nbytes)
             continue
         inlines, absorbs, scatter, heavy = _op_kind(n.target)
-        found[n] = OpKind(inlines, absorbs, scatter, heavy and on_cpu, on_cpu, numel, nbytes)
+        found[n] = OpKind(inlines, absorbs, scatter, heavy and on_cpu, on_cpu, numel, nbytes,
+                          inlines or absorbs or scatter)
     return found
 
 
@@ -305,9 +304,7 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     loads = inputs  # what each node loads, the graph's inputs and saved values included
     inputs = {n: [i for i in inputs[n] if i in index] for n in order}  # this graph's only
 
-    def generated(node: fx.Node) -> bool:
-        return node_kinds[node].generated and node not in alias_nodes
-
+    generated = {n for n in order if node_kinds[n].generated} - alias_nodes
     anchor: dict[fx.Node, fx.Node] = {}
 
     def joins_readers(node: fx.Node, readers: list[fx.Node]) -> bool:
@@ -315,7 +312,7 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
         when the kernels reading it loop over what it reduces (a softmax's sum, a norm's mean
         with the ops over the row), not over its result alone (a loss's sum with the scalar
         add after it: Inductor runs that sum right after the matmul it reads)."""
-        if not (generated(node) and all(generated(u) for u in readers)):
+        if node not in generated or not generated.issuperset(readers):
             return False
         if node_kinds[node].inlines:
             return True
@@ -331,10 +328,10 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     members: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         members.setdefault(anchor[node], []).append(node)
-    kernels = [n for n in order if anchor[n] is n and generated(n)]
-    unit = {n: anchor[n] for n in order}  # each node's fused kernel, named by one node
-    _fuse_siblings(kernels, members, unit, index, inputs, loads, node_kinds, alias_nodes)
-    fused = _topological(order, unit, index, inputs)
+    kernels = [n for n in order if anchor[n] is n and n in generated]
+    unit = dict(anchor)  # each node's fused kernel, named by one node
+    roots = _fuse_siblings(kernels, members, unit, index, inputs, loads, node_kinds, alias_nodes)
+    fused = _topological(order, unit, index, inputs, roots)
     if fused is None:  # the sibling fusions made a cycle: keep the inlining only
         log.debug("kernel_order: fusing kernels side by side made a cycle; not fused")
         return sorted(order, key=lambda n: (index[anchor[n]], index[n]))
@@ -346,9 +343,9 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
                    inputs: Mapping[fx.Node, list[fx.Node]],
                    loads: Mapping[fx.Node, list[fx.Node]],
                    node_kinds: Mapping[fx.Node, OpKind], alias_nodes: frozenset[fx.Node]
-                   ) -> None:
+                   ) -> set[fx.Node]:
     """Merge each kernel into the earliest kernel of its size it shares reads with and may
-    join (`unit`). The earliest: Inductor's rounds of fusion tend to gather all the kernels
+    join (`unit`); returns the kernels others merged into. The earliest: Inductor's rounds of fusion tend to gather all the kernels
     of a region that read the same buffers into one (on `small`, a norm's recomputation with
     its backward; measured, not derived).
 
@@ -360,10 +357,18 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
     caught by `_topological`, and the order falls back to inlining only (never seen on 1,500
     random programs in the tests, nor planning 4- and 32-layer `small`-shaped graphs)."""
 
+    bases: dict[fx.Node, fx.Node] = {}
+
     def base(node: fx.Node) -> fx.Node:
-        while node in alias_nodes and node.all_input_nodes:
-            node = node.all_input_nodes[0]
-        return node
+        if node not in alias_nodes:
+            return node
+        found = bases.get(node)
+        if found is None:
+            found = node
+            while found in alias_nodes and found.all_input_nodes:
+                found = found.all_input_nodes[0]
+            bases[node] = found
+        return found
 
     units = sorted(members, key=lambda u: index[u])  # by anchor: each after what it needs
     rank = {u: r for r, u in enumerate(units)}
@@ -417,13 +422,17 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
                 if between not in merged_into and ancestors[between] & mask[root]:
                     ancestors[between] |= ancestors[root] | mask[root]
             break
+    return set(merged_into.values())
 
 
 def _topological(order: list[fx.Node], unit: dict[fx.Node, fx.Node], index: dict[fx.Node, int],
-                 inputs: Mapping[fx.Node, list[fx.Node]]) -> list[fx.Node] | None:
+                 inputs: Mapping[fx.Node, list[fx.Node]], roots: set[fx.Node]
+                 ) -> list[fx.Node] | None:
     """The order in which Inductor runs the fused kernels: each where the kernel it was fused
     into stood (the values inlined into a kernel run with it), after whatever it needs. None if
-    two kernels would wait on each other."""
+    two kernels would wait on each other. `roots`: the kernels others were merged into; only
+    they can need a unit that stands later (each other unit stands after its inputs' units,
+    and a merge goes into an earlier kernel), so only they are checked."""
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         groups.setdefault(unit[node], []).append(node)
@@ -440,7 +449,7 @@ def _topological(order: list[fx.Node], unit: dict[fx.Node, fx.Node], index: dict
     for start in groups:
         if start in placed:
             continue
-        waiting = pending(start)
+        waiting = pending(start) if start in roots else ()
         if not waiting:  # the common case: everything it needs already ran
             placed.add(start)
             result.extend(groups[start])

@@ -102,9 +102,18 @@ def _raise_getitems(order: list[fx.Node], members: set[fx.Node]) -> list[fx.Node
 
 def _lazy_backward_order(joint: JointGraph, recomputed: set[fx.Node]) -> list[fx.Node]:
     """Tangent-dependent ops in graph order; every other op right before its first consumer."""
-    members = recomputed | set(joint.backward)
+    members = recomputed.union(joint.backward)
     placed: set[fx.Node] = set()
     order: list[fx.Node] = []
+    inputs = joint.inputs
+
+    def append(node: fx.Node) -> None:
+        placed.add(node)
+        order.append(node)
+        for user in node.users:  # getitems right after their tuple
+            if user.target is getitem and user in members and user not in placed:
+                placed.add(user)
+                order.append(user)
 
     def place(root: fx.Node) -> None:
         # Iterative post-order: a chain of recomputed layers can be thousands of nodes deep.
@@ -114,21 +123,20 @@ def _lazy_backward_order(joint: JointGraph, recomputed: set[fx.Node]) -> list[fx
             if node in placed:
                 continue
             if inputs_done:
-                placed.add(node)
-                order.append(node)
-                for user in node.users:  # getitems right after their tuple
-                    if user.target is getitem and user in members and user not in placed:
-                        placed.add(user)
-                        order.append(user)
+                append(node)
                 continue
             stack.append((node, True))
-            for inp in reversed(joint.inputs[node]):
+            for inp in reversed(inputs[node]):
                 if inp in members and inp not in placed:
                     stack.append((inp, False))
 
     for node in joint.backward:
-        if node in joint.tangent_dependent:
-            place(node)
+        if node in joint.tangent_dependent and node not in placed:
+            # Most ops find their inputs placed already: no stack needed.
+            if all(i in placed or i not in members for i in inputs[node]):
+                append(node)
+            else:
+                place(node)
     for out in joint.bwd_outputs:
         if isinstance(out, fx.Node) and out in members:
             place(out)
@@ -413,8 +421,9 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
                 # reader that is an ancestor of the writer, not a sibling).
                 if readers is None:
                     readers = _readers(group, inputs, values, inlined)
+                    ancestry = _Ancestry(group, inputs)
                 dying = [d for d in dying if all(
-                    _precede(others, node, group, inputs)
+                    ancestry.all_before(others, node)
                     for others in (readers.get(inst, ()) for inst, _ in values[d])
                     if len(others) > 1 or (others and others[0] is not node))]
             reused = _reusable_bytes(value, [values[d] for d in dying], live, released,
@@ -441,20 +450,34 @@ def _readers(group: list[fx.Node], inputs, values: dict, inlined: set[fx.Node]
     return readers
 
 
-def _precede(others: list[fx.Node], node: fx.Node, group: list[fx.Node], inputs) -> bool:
-    """Whether every node of `others` but `node` is an ancestor of `node` within `group`."""
-    others = [o for o in others if o is not node]
-    if not others:
-        return True
-    in_group = set(group)
-    ancestors: set[fx.Node] = set()
-    stack = [i for i in inputs[node] if i in in_group]
-    while stack:
-        n = stack.pop()
-        if n not in ancestors:
-            ancestors.add(n)
-            stack.extend(i for i in inputs[n] if i in in_group)
-    return all(o in ancestors for o in others)
+class _Ancestry:
+    """Ancestors of the ops of one kernel within it, found once per op."""
+
+    def __init__(self, group: list[fx.Node], inputs) -> None:
+        self.in_group = set(group)
+        self.inputs = inputs
+        self.found: dict[fx.Node, set[fx.Node]] = {}
+
+    def of(self, node: fx.Node) -> set[fx.Node]:
+        """The ops of the kernel `node` reads, directly or through others."""
+        found = self.found.get(node)
+        if found is None:
+            found = self.found[node] = set()
+            stack = [i for i in self.inputs[node] if i in self.in_group]
+            while stack:
+                n = stack.pop()
+                if n not in found:
+                    found.add(n)
+                    stack.extend(i for i in self.inputs[n] if i in self.in_group)
+        return found
+
+    def all_before(self, others: list[fx.Node], node: fx.Node) -> bool:
+        """Whether every node of `others` but `node` is an ancestor of `node`."""
+        rest = [o for o in others if o is not node]
+        if not rest:
+            return True
+        ancestors = self.of(node)
+        return all(o in ancestors for o in rest)
 
 
 def _kernels(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
