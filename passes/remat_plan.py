@@ -245,11 +245,11 @@ class RematPlanner:
                     current.evicted | self._with_unsaved_inputs(move, current), move)
                 tried += 1
                 lowered = current.peak_bytes - point.peak_bytes
-                if 1 < len(move) < len(twins) and lowered != len(move) * self._walks[
-                        self._signature(group)][1]:
+                walk = self._walks.get(self._signature(group))
+                if 1 < len(move) < len(twins) and lowered != len(move) * walk[1]:
                     # Not the walk it stood for (each value lowering the peak as the last one
-                    # did): go back to one value at a time.
-                    del self._walks[self._signature(group)]
+                    # did): one value now, half the stretch next time.
+                    self._walks[self._signature(group)] = (len(move) // 2, walk[1])
                     continue
                 if lowered < 0:
                     if detour is None or point.peak_bytes < detour.peak_bytes:
@@ -284,8 +284,9 @@ class RematPlanner:
         of a value after another (each recomputed from the copy before it), every step
         lowering the peak by the same bytes. After two such steps the planner tries the next
         two copies at once, then four, doubling while each stretch lowers the peak by exactly
-        as many steps' bytes; a stretch that does not is dropped (`_try`) and the walk goes
-        on one copy at a time. So a walk over 32 layers takes a handful of simulations."""
+        as many steps' bytes; a stretch that does not is dropped (`_try`): that step takes one
+        copy and the next tries half the stretch. So a walk over 32 layers takes a handful of
+        simulations."""
         if not (self.batch and self.stretches and chosen.move):
             return
         signature = self._signature(chosen.move[0])
@@ -294,7 +295,8 @@ class RematPlanner:
         if lowered <= 0:
             self._walks.pop(signature, None)
         elif len(chosen.move) == 1:
-            self._walks[signature] = (2 if walk == (1, lowered) else 1, lowered)
+            self._walks[signature] = ((max(2, walk[0]) if walk and walk[1] == lowered else 1),
+                                      lowered)
         elif walk is not None and lowered == len(chosen.move) * walk[1]:
             self._walks[signature] = (2 * len(chosen.move), walk[1])
         else:
