@@ -139,16 +139,19 @@ def test_parse_functions_directly():
 
 
 def test_parse_mc_budget_modes():
-    modes = "eager,budget_0.5,mcbudget_0.5,mcbudget_1,mcbudget_auto,mcbudget_none"
+    modes = "eager,budget_0.5,mcbudget_0.5,mcbudget_1,mcbudget_280MiB,mcbudget_auto,mcbudget_none"
     assert parse_modes(modes) == modes.split(",")
     assert bench.mc_budget_options("mcbudget_0.5") == {"memory_budget": 0.5}
+    assert bench.mc_budget_options("mcbudget_280MiB") == {"memory_budget": "280MiB"}
+    assert bench.mc_budget_options("mcbudget_1.5GiB") == {"memory_budget": "1.5GiB"}
     one = bench.mc_budget_options("mcbudget_1")["memory_budget"]
     assert one == 1.0 and isinstance(one, float)  # an int budget would mean 1 byte
     assert bench.mc_budget_options("mcbudget_auto") == {"memory_budget": "auto"}
     assert bench.mc_budget_options("mcbudget_none") == {"memory_budget": None}
-    for mode in ("memcompile", "budget_0.5", "mcbudget_0", "mcbudget_nan", "mcbudget_x"):
+    for mode in ("memcompile", "budget_0.5", "mcbudget_0", "mcbudget_nan", "mcbudget_x",
+                 "mcbudget_4096", "mcbudget_280lbs"):
         assert bench.mc_budget_options(mode) is None, mode
-    assert [bench.is_budget_mode(m) for m in modes.split(",")] == [False] + [True] * 5
+    assert [bench.is_budget_mode(m) for m in modes.split(",")] == [False] + [True] * 6
     # The recorded command parses back to the same modes.
     args = parse("--model", "tiny", "--seq-lens", "64", "--out", "o", "--modes", modes)
     again = make_parser().parse_args(shlex.split(bench.format_command(args))[1:])

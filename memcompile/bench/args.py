@@ -11,19 +11,23 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from memcompile.config import parse_bytes
+
 FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile", "stream")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
     "eager, checkpoint, inductor, memcompile, stream, stream_g<layers per saved input> "
     "(e.g. stream_g2), stream_c<layer inputs held at once> (e.g. stream_c3), "
     "budget_<float in [0, 1]> (e.g. budget_0.5), "
-    "mcbudget_<float in (0, 1]>, mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
+    "mcbudget_<float in (0, 1]>, mcbudget_<bytes with a unit> (e.g. mcbudget_280MiB), "
+    "mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
 )
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 _BUDGET_RE = re.compile(r"^budget_(.+)$")
 _MC_BUDGET_RE = re.compile(r"^mcbudget_(.+)$")
 _MC_BUDGET_WORDS = {"auto": "auto", "none": None}
+_MC_BUDGET_BYTES_RE = re.compile(r"^\d+(?:\.\d+)?[a-zA-Z]+$")  # a unit: a bare number is a fraction
 _STREAM_GROUP_RE = re.compile(r"^stream_g([1-9][0-9]*)$")
 _STREAM_CHECKPOINTS_RE = re.compile(r"^stream_c([1-9][0-9]*)$")
 
@@ -68,7 +72,10 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
     """The memcompile options an `mcbudget_<x>` mode sets over ``--options``, or None otherwise.
 
     ``mcbudget_0.5`` gives ``{"memory_budget": 0.5}`` (a fraction of the save-everything plan's
-    peak, in (0, 1]); ``mcbudget_auto`` and ``mcbudget_none`` give "auto" and None.
+    peak, in (0, 1]); ``mcbudget_280MiB`` gives ``{"memory_budget": "280MiB"}`` (bytes: a
+    number with a unit, as `memcompile.config.parse_bytes` reads it; this is how the bench asks
+    memcompile for the peak another mode reached); ``mcbudget_auto`` and ``mcbudget_none`` give
+    "auto" and None.
     """
     match = _MC_BUDGET_RE.match(mode)
     if match is None:
@@ -76,6 +83,12 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
     text = match.group(1)
     if text in _MC_BUDGET_WORDS:
         return {"memory_budget": _MC_BUDGET_WORDS[text]}
+    if _MC_BUDGET_BYTES_RE.match(text):
+        try:
+            parse_bytes(text)
+        except ValueError:
+            return None
+        return {"memory_budget": text}
     try:
         value = float(text)  # always a float: an int budget would mean bytes
     except ValueError:
