@@ -32,9 +32,9 @@ import dataclasses
 import gc
 import logging
 import time
-from functools import cached_property
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch.fx as fx
@@ -126,10 +126,10 @@ class RematPlanner:
         self._signatures: dict[int, tuple] = {}
         self._rejected: set[int] = set()
         self._idle: dict[int, str] = {}
+        """Groups whose eviction left the peak unchanged, and the op the peak was at then."""
         self._walks: dict[tuple, tuple[int, int]] = {}
         """Per op signature on a walk (`_note_walk`): how many twins to try at once next, and
         the bytes each step of the walk lowered the peak by."""
-        """Groups whose eviction left the peak unchanged, and the op the peak was at then."""
         self.width = 2 if self.batch else 8
         self.detours_left = _DETOURS
         """How many candidate moves each step of the chain simulates."""
@@ -246,7 +246,8 @@ class RematPlanner:
                 tried += 1
                 lowered = current.peak_bytes - point.peak_bytes
                 walk = self._walks.get(self._signature(group))
-                if 1 < len(move) < len(twins) and lowered != len(move) * walk[1]:
+                stretch = 1 < len(move) < len(twins) and walk is not None
+                if stretch and lowered != len(move) * walk[1]:
                     # Not the walk it stood for (each value lowering the peak as the last one
                     # did): one value now, half the stretch next time.
                     self._walks[self._signature(group)] = (len(move) // 2, walk[1])

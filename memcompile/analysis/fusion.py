@@ -345,9 +345,9 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
                    node_kinds: Mapping[fx.Node, OpKind], alias_nodes: frozenset[fx.Node]
                    ) -> set[fx.Node]:
     """Merge each kernel into the earliest kernel of its size it shares reads with and may
-    join (`unit`); returns the kernels others merged into. The earliest: Inductor's rounds of fusion tend to gather all the kernels
-    of a region that read the same buffers into one (on `small`, a norm's recomputation with
-    its backward; measured, not derived).
+    join (`unit`); returns the kernels others merged into. The earliest: Inductor's rounds of
+    fusion tend to gather all the kernels of a region that read the same buffers into one (on
+    `small`, a norm's recomputation with its backward; measured, not derived).
 
     Whether a kernel may join another is a question of paths: not if it needs the other
     through a third unit. Each unit's ancestors are kept as a bit set (one bit per unit, in

@@ -377,18 +377,19 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
         if value not in returned:
             frees.setdefault(user, []).append(value)
     values = dict(placeholders)
+    hold, release, dies_at = live.hold, live.release, frees.get  # bound once: called per op
 
     def finish(group: list[fx.Node]) -> None:
         for node in group:
-            for dead in frees.get(node, ()):
-                live.release(values[dead])
+            for dead in dies_at(node, ()):
+                release(values[dead])
             if node not in last_use and node not in returned:
-                live.release(values[node])
+                release(values[node])
 
     if inlined is None:
         for node in order:
             values[node] = value_of(node)
-            live.hold(values[node])
+            hold(values[node])
             event(phase, node.name)
             finish([node])
         return
@@ -403,7 +404,7 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
         readers: dict[tuple, list[fx.Node]] | None = None
         for node in group:
             value = values[node]
-            dying = frees.get(node, ())
+            dying = frees_here = dies_at(node, ())
             kind = node_kinds[node]
             if kind.scatter:
                 first = node.args[0] if node.args else None
@@ -428,11 +429,11 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
                     if len(others) > 1 or (others and others[0] is not node))]
             reused = _reusable_bytes(value, [values[d] for d in dying], live, released,
                                      claimed) if dying else 0
-            live.hold(value)
+            hold(value)
             live.live -= reused  # the output took over a dying input's buffer
             taken += reused
             event(phase, node.name)
-            for dead in frees.get(node, ()):
+            for dead in frees_here:
                 for inst, _ in values[dead]:
                     released[inst] = released.get(inst, 0) + 1
         live.live += taken
@@ -451,33 +452,23 @@ def _readers(group: list[fx.Node], inputs, values: dict, inlined: set[fx.Node]
 
 
 class _Ancestry:
-    """Ancestors of the ops of one kernel within it, found once per op."""
+    """Ancestors of the ops of one kernel within it: a bit set per op (bit i: the kernel's i-th
+    op), built in one pass over the kernel, which runs its ops in a topological order."""
 
     def __init__(self, group: list[fx.Node], inputs) -> None:
-        self.in_group = set(group)
-        self.inputs = inputs
-        self.found: dict[fx.Node, set[fx.Node]] = {}
-
-    def of(self, node: fx.Node) -> set[fx.Node]:
-        """The ops of the kernel `node` reads, directly or through others."""
-        found = self.found.get(node)
-        if found is None:
-            found = self.found[node] = set()
-            stack = [i for i in self.inputs[node] if i in self.in_group]
-            while stack:
-                n = stack.pop()
-                if n not in found:
-                    found.add(n)
-                    stack.extend(i for i in self.inputs[n] if i in self.in_group)
-        return found
+        self.bit = {n: 1 << i for i, n in enumerate(group)}
+        self.below: dict[fx.Node, int] = {}
+        for node in group:
+            reach = 0
+            for i in inputs[node]:
+                if i in self.bit:
+                    reach |= self.below.get(i, 0) | self.bit[i]
+            self.below[node] = reach
 
     def all_before(self, others: list[fx.Node], node: fx.Node) -> bool:
         """Whether every node of `others` but `node` is an ancestor of `node`."""
-        rest = [o for o in others if o is not node]
-        if not rest:
-            return True
-        ancestors = self.of(node)
-        return all(o in ancestors for o in rest)
+        below = self.below[node]
+        return all(below & self.bit[o] for o in others if o is not node)
 
 
 def _kernels(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
