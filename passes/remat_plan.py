@@ -125,8 +125,8 @@ class RematPlanner:
                       if batch is None else batch)
         self._signatures: dict[int, tuple] = {}
         self._rejected: set[int] = set()
-        self._idle: dict[int, str] = {}
-        """Groups whose eviction left the peak unchanged, and the op the peak was at then."""
+        self._idle: dict[int, tuple[str, str]] = {}
+        """Groups whose eviction left the peak unchanged, and the (phase, op) the peak was at."""
         self._walks: dict[tuple, tuple[int, int]] = {}
         """Per op signature on a walk (`_note_walk`): how many twins to try at once next, and
         the bytes each step of the walk lowered the peak by."""
@@ -208,7 +208,8 @@ class RematPlanner:
         scored = sorted(scores, key=lambda g: (scores[g], self.joint.order[self.joint.group_members[g][0]]))
         # A group whose eviction left the peak where it was is not tried again while the peak
         # stays at the same op, unless nothing else can move it.
-        fresh = [g for g in scored if self._idle.get(g) != current.sim.peak_node]
+        at = (current.sim.peak_phase, current.sim.peak_node)
+        fresh = [g for g in scored if self._idle.get(g) != at]
         best, detour = self._try(fresh, scored, current)
         if best is None and len(fresh) < len(scored):
             best, detour = self._try(scored, scored, current)
@@ -258,7 +259,7 @@ class RematPlanner:
                     continue
                 extra = point.recompute_seconds - current.recompute_seconds
                 if not lowered and len(move) == 1:
-                    self._idle[group] = current.sim.peak_node
+                    self._idle[group] = (current.sim.peak_phase, current.sim.peak_node)
                 key = ((0, -lowered / max(extra, 1e-12)) if lowered else (1, extra))
                 if best is None or key < best[0]:
                     best = (key, point)
@@ -286,8 +287,8 @@ class RematPlanner:
         lowering the peak by the same bytes. After two such steps the planner tries the next
         two copies at once, then four, doubling while each stretch lowers the peak by exactly
         as many steps' bytes; a stretch that does not is dropped (`_try`): that step takes one
-        copy and the next tries half the stretch. So a walk over 32 layers takes a handful of
-        simulations."""
+        copy and the next tries half the stretch (two at the least, while the steps stay
+        equal). So a walk over 32 layers takes a handful of simulations."""
         if not (self.batch and self.stretches and chosen.move):
             return
         signature = self._signature(chosen.move[0])
@@ -366,10 +367,30 @@ class RematPlanner:
         return point
 
     def auto(self) -> PlanPoint:
-        """The least peak among plans that recompute at most one forward's worth of time."""
+        """The least peak among plans that recompute at most one forward's worth of time.
+
+        When the chain's first plan past that time took several values at once (twins, or a
+        stretch of a walk), the longest prefix of that move within the time is a candidate too:
+        its recompute seconds come from the layout alone, so only that prefix is simulated."""
         chain = self.extend_chain(stop_above_seconds=self.forward_seconds)
         affordable = [p for p in chain if p.recompute_seconds <= self.forward_seconds]
+        over = next((i for i, p in enumerate(chain)
+                     if p.recompute_seconds > self.forward_seconds), len(chain))
+        if 0 < over < len(chain) and len(chain[over].move) > 1:
+            move = chain[over].move
+            for j in range(len(move) - 1, 0, -1):
+                evicted = self._prefix(chain, over, j)
+                plan = layout(self.joint, evicted)
+                if sum(self.node_seconds[n] for n in plan.recomputed) <= self.forward_seconds:
+                    affordable.append(self.evaluate(evicted, move[:j]))
+                    break
         return min(affordable or chain[:1], key=lambda p: p.peak_bytes)
+
+    def _prefix(self, chain: list[PlanPoint], index: int, j: int) -> frozenset[int]:
+        """What the plan before `chain[index]` evicts plus the first `j` groups of its move,
+        with the inputs they need that the plan before does not save (as the move itself)."""
+        before = chain[index - 1]
+        return before.evicted | self._with_unsaved_inputs(chain[index].move[:j], before)
 
 
 def resolve_budget(budget: Any, planner: RematPlanner) -> int | None:

@@ -149,7 +149,7 @@ def test_parse_mc_budget_modes():
     assert bench.mc_budget_options("mcbudget_auto") == {"memory_budget": "auto"}
     assert bench.mc_budget_options("mcbudget_none") == {"memory_budget": None}
     for mode in ("memcompile", "budget_0.5", "mcbudget_0", "mcbudget_nan", "mcbudget_x",
-                 "mcbudget_4096", "mcbudget_280lbs"):
+                 "mcbudget_4096", "mcbudget_280lbs", "mcbudget_0MiB"):
         assert bench.mc_budget_options(mode) is None, mode
     assert [bench.is_budget_mode(m) for m in modes.split(",")] == [False] + [True] * 6
     # The recorded command parses back to the same modes.

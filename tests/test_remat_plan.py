@@ -230,6 +230,7 @@ def test_a_walk_over_layers_in_stretches_reaches_the_same_peaks():
     assert any(4 <= len(p.move) < 24 for p in chain)  # a stretch of the walk, not all twins
     assert stretched.plans_simulated < one_at_a_time.plans_simulated
     assert min(p.peak_bytes for p in chain) == min(p.peak_bytes for p in reference)
+    assert stretched.auto().peak_bytes == one_at_a_time.auto().peak_bytes
     budgets = sorted({p.peak_bytes + 1 for p in reference} | {p.peak_bytes for p in reference})
     peaks = [stretched.for_budget(b).peak_bytes for b in budgets]
     assert all(p <= b for p, b in zip(peaks, budgets))

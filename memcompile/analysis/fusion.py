@@ -432,7 +432,8 @@ def _topological(order: list[fx.Node], unit: dict[fx.Node, fx.Node], index: dict
     into stood (the values inlined into a kernel run with it), after whatever it needs. None if
     two kernels would wait on each other. `roots`: the kernels others were merged into; only
     they can need a unit that stands later (each other unit stands after its inputs' units,
-    and a merge goes into an earlier kernel), so only they are checked."""
+    and a merge goes into an earlier kernel), so only they are checked. That relies on `order`
+    being topological and `inputs` listing each node's inputs within it."""
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         groups.setdefault(unit[node], []).append(node)

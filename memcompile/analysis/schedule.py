@@ -453,7 +453,9 @@ def _readers(group: list[fx.Node], inputs, values: dict, inlined: set[fx.Node]
 
 class _Ancestry:
     """Ancestors of the ops of one kernel within it: a bit set per op (bit i: the kernel's i-th
-    op), built in one pass over the kernel, which runs its ops in a topological order."""
+    op), built in one pass over the kernel. It relies on the kernel listing its ops in a
+    topological order, as the orders `_run` gets do (the graph's, or `kernel_order`'s, whose
+    validity a hypothesis test checks)."""
 
     def __init__(self, group: list[fx.Node], inputs) -> None:
         self.bit = {n: 1 << i for i, n in enumerate(group)}

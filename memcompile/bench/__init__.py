@@ -31,8 +31,9 @@ Modes:
   picks under stream.
 - `mcbudget_<x>`: memcompile with `memory_budget` = x set over `--options`: a float in (0, 1]
   (a fraction of the save-everything plan's peak), bytes with a unit (`mcbudget_280MiB`: ask
-  for the peak another mode reached), `auto` or `none` (`mcbudget_0.5`, `mcbudget_auto`). A budget below the least peak memcompile's planner reaches is a row with
-  status "budget unreachable" and that least peak, not a crash.
+  for the peak another mode reached), `auto` or `none` (`mcbudget_0.5`, `mcbudget_auto`). A
+  budget below the least peak memcompile's planner reaches is a row with status "budget
+  unreachable" and that least peak, not a crash.
 
 Outputs in `--out`: `results.json` (every row and the command), `bench.md` (the table, also
 printed) and `bench.png` (peak and step time against tokens). With more than one budget mode

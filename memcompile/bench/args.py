@@ -85,10 +85,10 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
         return {"memory_budget": _MC_BUDGET_WORDS[text]}
     if _MC_BUDGET_BYTES_RE.match(text):
         try:
-            parse_bytes(text)
+            nbytes = parse_bytes(text)
         except ValueError:
             return None
-        return {"memory_budget": text}
+        return {"memory_budget": text} if nbytes > 0 else None
     try:
         value = float(text)  # always a float: an int budget would mean bytes
     except ValueError:
