@@ -206,6 +206,38 @@ def test_kernels_are_not_fused_across_a_dependency():
     assert _kernel_order(f, torch.randn(4, 4), torch.randn(4, 4)) == ["mul", "mm", "mul_1"]
 
 
+def test_a_reduction_read_through_a_view_runs_in_its_readers_kernel():
+    """r = sum(x) is read only through expand(r) by the kernel after the matmul, which loops
+    over what r reduces: Inductor computes r in that kernel (a view is an index expression),
+    so it runs after the matmul."""
+    def f(x, w):
+        r = x.sum(1, keepdim=True)
+        return torch.mm(x, w) * r.expand(4, 4)
+
+    assert _kernel_order(f, torch.randn(4, 4), torch.randn(4, 4)) == [
+        "mm", "sum_1", "expand", "mul"]
+
+
+def test_an_inlined_op_is_copied_into_each_kernel_that_reads_it():
+    """
+    c = x * 3                        inlined: computed inside each kernel reading it
+    p = mm(c * 2, w)                 kernel A (c first placed with it), then a matmul
+    g = mm(v, w); s = sum(c * g, 0)  kernel S reads c: it waits on x, not on kernel A
+    b = g * x + mm(s, w)             kernel B: A's size, reads x; needs S through a matmul
+    B needing A through S would forbid fusing B into A; since S computes c itself, B fuses
+    into A, and what B needs runs first (the Hugging Face Llama pattern: a norm's backward
+    fused with the recomputation of its output, ahead of the weight-gradient matmuls)."""
+    def f(x, w, v):
+        c = x * 3
+        p = torch.mm(c * 2, w)
+        g = torch.mm(v, w)
+        t = torch.mm((c * g).sum(0).unsqueeze(0), w)
+        return p, g * x + t
+
+    assert _kernel_order(f, *(torch.randn(4, 4) for _ in range(3))) == [
+        "mm_1", "mul", "mul_2", "sum_1", "unsqueeze", "mm_2", "mul_1", "mul_3", "add", "mm"]
+
+
 @st.composite
 def _random_programs(draw):
     """Straight-line programs over 4x4 values: matmuls (extern kernels) and pointwise ops, each
