@@ -370,9 +370,11 @@ def _through(order: list[fx.Node], edges: Mapping[fx.Node, list[fx.Node]],
         if node in copied:
             behind[node] = list(dict.fromkeys(
                 j for i in inputs[node] for j in (behind[i] if i in behind else (i,))))
-    return {n: list(dict.fromkeys(j for i in edges[n]
-                                  for j in (behind[i] if i in behind else (i,))))
-            for n in order}
+    result = dict(edges)
+    for node in {u for d in copied for u in d.users if u in result}:
+        result[node] = list(dict.fromkeys(
+            j for i in edges[node] for j in (behind[i] if i in behind else (i,))))
+    return result
 
 
 def _copied_first(order: list[fx.Node], copied: set[fx.Node],
@@ -382,6 +384,12 @@ def _copied_first(order: list[fx.Node], copied: set[fx.Node],
     result: list[fx.Node] = []
     placed: set[fx.Node] = set()
     for node in order:
+        if node in placed:
+            continue
+        if not any(i in copied and i not in placed for i in inputs[node]):
+            placed.add(node)  # the common case: nothing copied is waiting to run
+            result.append(node)
+            continue
         stack = [(node, False)]
         while stack:
             n, ready = stack.pop()
