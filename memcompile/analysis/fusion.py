@@ -24,8 +24,9 @@ them): a buffer read only inside one kernel is a local of that kernel.
 
 `kernel_order(order, kinds)` is the order Inductor's scheduler runs the graph in: an op inlined
 into a reader runs with that reader (a copy of it in every kernel that reads it), and kernels of
-one size that read a common buffer fuse into one, which pulls ahead what the later one needs (in a SwiGLU backward, the matmul giving the
-product's gradient runs before the kernel recomputing the product, which then writes all three
+one size that read a common buffer fuse into one, which pulls ahead what the later one needs
+(in a SwiGLU backward, the matmul giving the product's gradient runs before the kernel
+recomputing the product, which then writes all three
 outputs at once). The simulator runs the ops between two extern kernels as one kernel: its
 outputs are allocated together before it runs, its inputs freed after.
 
@@ -348,8 +349,8 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     # kernel it was first placed with.
     copied = {n for n in order if anchor[n] is not n
               and (node_kinds[n].inlines or n in joined_views)}
-    needs = _through(order, inputs, copied, inputs)
-    reads = _through(order, loads, copied, inputs)
+    behind = _behind(order, copied, inputs)
+    needs, reads = _through(inputs, behind), _through(loads, behind)
     roots = _fuse_siblings(kernels, members, unit, index, needs, reads, node_kinds, alias_nodes)
     fused = _topological(order, unit, index, needs, roots)
     if fused is None:  # the sibling fusions made a cycle: keep the inlining only
@@ -358,20 +359,25 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     return _copied_first(fused, copied, inputs) if copied else fused
 
 
-def _through(order: list[fx.Node], edges: Mapping[fx.Node, list[fx.Node]],
-             copied: set[fx.Node], inputs: Mapping[fx.Node, list[fx.Node]]
-             ) -> Mapping[fx.Node, list[fx.Node]]:
-    """`edges` (each node's inputs or loads) with every `copied` op replaced by its own inputs,
-    transitively."""
-    if not copied:
-        return edges
-    behind: dict[fx.Node, list[fx.Node]] = {}  # a copied op's inputs, through copied ones
+def _behind(order: list[fx.Node], copied: set[fx.Node],
+            inputs: Mapping[fx.Node, list[fx.Node]]) -> dict[fx.Node, list[fx.Node]]:
+    """Each `copied` op's inputs, looking through copied inputs in turn."""
+    behind: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         if node in copied:
             behind[node] = list(dict.fromkeys(
                 j for i in inputs[node] for j in (behind[i] if i in behind else (i,))))
+    return behind
+
+
+def _through(edges: Mapping[fx.Node, list[fx.Node]], behind: dict[fx.Node, list[fx.Node]]
+             ) -> Mapping[fx.Node, list[fx.Node]]:
+    """`edges` (each node's inputs or loads) with every copied op replaced by what it reads
+    (`_behind`); only the copied ops' readers change."""
+    if not behind:
+        return edges
     result = dict(edges)
-    for node in {u for d in copied for u in d.users if u in result}:
+    for node in {u for d in behind for u in d.users if u in result}:
         result[node] = list(dict.fromkeys(
             j for i in edges[node] for j in (behind[i] if i in behind else (i,))))
     return result
