@@ -321,24 +321,25 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
         when the kernels reading it loop over what it reduces (a softmax's sum, a norm's mean
         with the ops over the row), not over its result alone (a loss's sum with the scalar
         add after it: Inductor runs that sum right after the matmul it reads)."""
-        if not all(u in generated or u in joined_views for u in readers):
+        if not all(u in joining for u in readers):
             return False
         if node in alias_nodes or node_kinds[node].inlines:
             return True  # a view is an index expression in each kernel that reads it
-        if node not in generated:
-            return False
         reduced = max((node_kinds[i].numel for i in loads[node]), default=-1)
         return all(node_kinds[anchor[u]].numel == reduced for u in readers)
 
     joined_views: set[fx.Node] = set()  # views only kernels read: they run with the first
+    joining = set(generated)  # what a joining op's readers must be: generated or joined views
     for node in reversed(order):
+        anchor[node] = node
+        if node not in generated and node not in alias_nodes and not node_kinds[node].inlines:
+            continue  # an extern op runs alone
         readers = [u for u in node.users if u in index]
         if readers and joins_readers(node, readers):
             anchor[node] = anchor[min(readers, key=lambda u: index[anchor[u]])]
             if node in alias_nodes:
                 joined_views.add(node)
-        else:
-            anchor[node] = node
+                joining.add(node)
     members: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         members.setdefault(anchor[node], []).append(node)
@@ -350,13 +351,14 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     copied = {n for n in order if anchor[n] is not n
               and (node_kinds[n].inlines or n in joined_views)}
     behind = _behind(order, copied, inputs)
-    needs, reads = _through(inputs, behind), _through(loads, behind)
+    readers = {u for d in behind for u in d.users if u in index}
+    needs, reads = _through(inputs, behind, readers), _through(loads, behind, readers)
     roots = _fuse_siblings(kernels, members, unit, index, needs, reads, node_kinds, alias_nodes)
     fused = _topological(order, unit, index, needs, roots)
     if fused is None:  # the sibling fusions made a cycle: keep the inlining only
         log.debug("kernel_order: fusing kernels side by side made a cycle; not fused")
         return sorted(order, key=lambda n: (index[anchor[n]], index[n]))
-    return _copied_first(fused, copied, inputs) if copied else fused
+    return _copied_first(fused, copied, inputs, readers) if copied else fused
 
 
 def _behind(order: list[fx.Node], copied: set[fx.Node],
@@ -365,34 +367,46 @@ def _behind(order: list[fx.Node], copied: set[fx.Node],
     behind: dict[fx.Node, list[fx.Node]] = {}
     for node in order:
         if node in copied:
-            behind[node] = list(dict.fromkeys(
-                j for i in inputs[node] for j in (behind[i] if i in behind else (i,))))
+            behind[node] = _expanded(inputs[node], behind)
     return behind
 
 
-def _through(edges: Mapping[fx.Node, list[fx.Node]], behind: dict[fx.Node, list[fx.Node]]
-             ) -> Mapping[fx.Node, list[fx.Node]]:
+def _expanded(edges: list[fx.Node], behind: dict[fx.Node, list[fx.Node]]) -> list[fx.Node]:
+    """`edges` with each copied op replaced by what it reads, without repeats."""
+    found: list[fx.Node] = []
+    for i in edges:
+        through = behind.get(i)
+        if through is None:
+            found.append(i)
+        else:
+            found.extend(through)
+    return list(dict.fromkeys(found)) if len(found) > 1 else found
+
+
+def _through(edges: Mapping[fx.Node, list[fx.Node]], behind: dict[fx.Node, list[fx.Node]],
+             readers: Iterable[fx.Node]) -> Mapping[fx.Node, list[fx.Node]]:
     """`edges` (each node's inputs or loads) with every copied op replaced by what it reads
-    (`_behind`); only the copied ops' readers change."""
+    (`_behind`); only the copied ops' `readers` change."""
     if not behind:
         return edges
     result = dict(edges)
-    for node in {u for d in behind for u in d.users if u in result}:
-        result[node] = list(dict.fromkeys(
-            j for i in edges[node] for j in (behind[i] if i in behind else (i,))))
+    for node in readers:
+        result[node] = _expanded(edges[node], behind)
     return result
 
 
 def _copied_first(order: list[fx.Node], copied: set[fx.Node],
-                  inputs: Mapping[fx.Node, list[fx.Node]]) -> list[fx.Node]:
+                  inputs: Mapping[fx.Node, list[fx.Node]], readers: set[fx.Node]
+                  ) -> list[fx.Node]:
     """`order` with each copied op moved right before the first op that reads it (its
-    kernel's order may have put a later reader first); its inputs ran before that reader."""
+    kernel's order may have put a later reader first); its inputs ran before that reader.
+    `readers`: the ops that read a copied op."""
     result: list[fx.Node] = []
     placed: set[fx.Node] = set()
     for node in order:
         if node in placed:
             continue
-        if not any(i in copied and i not in placed for i in inputs[node]):
+        if node not in readers or not any(i in copied and i not in placed for i in inputs[node]):
             placed.add(node)  # the common case: nothing copied is waiting to run
             result.append(node)
             continue
@@ -456,7 +470,10 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
     ancestors: dict[fx.Node, int] = {}
     first = {k: index[members[k][0]] for k in kernels}  # earliest member of each kernel
     is_kernel = set(kernels)
-    readers_of: dict[fx.Node, list[tuple[int, fx.Node]]] = {}  # buffer -> kernels reading it
+    # buffer -> {kernel (as merged so far): the last position it read the buffer at}, oldest
+    # first. A kernel merged into another has the other's size, and a kernel others merged into
+    # never merges itself, so one entry per merged kernel is enough.
+    readers_of: dict[fx.Node, dict[fx.Node, int]] = {}
     position = 0
     for u in units:
         reach = 0
@@ -468,17 +485,24 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
             continue
         position += 1
         group = set(members[u])
-        reads = {base(i) for m in members[u] for i in loads[m] if i not in group}
-        reads = {r for r in reads if node_kinds[r].nbytes >= _SHARED_BYTES}
+        reads = {base(i) if i in alias_nodes else i
+                 for m in members[u] for i in loads[m] if i not in group}
+        reads = [r for r in reads if node_kinds[r].nbytes >= _SHARED_BYTES]
         size = node_kinds[u].numel
         candidates: set[fx.Node] = set()
         for buffer in reads:
-            for seen_at, other in reversed(readers_of.get(buffer, ())):
-                if position - seen_at > _FUSION_WINDOW:
+            seen = readers_of.get(buffer)
+            if not seen:
+                continue
+            gone = []  # out of the window for good: positions only grow
+            for k, at in seen.items():
+                if position - at <= _FUSION_WINDOW:
                     break
-                if size >= 0 and node_kinds[other].numel == size:
-                    candidates.add(current(other))
-            readers_of.setdefault(buffer, []).append((position, u))
+                gone.append(k)
+            for k in gone:
+                del seen[k]
+            if size >= 0:
+                candidates.update(k for k in seen if node_kinds[k].numel == size)
         direct = {current(n) for n in needs[u]}
         for root in sorted(candidates, key=first.__getitem__):
             if any(ancestors[n] & mask[root] for n in direct if n is not root):
@@ -494,6 +518,11 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
                 if between not in merged_into and ancestors[between] & mask[root]:
                     ancestors[between] |= ancestors[root] | mask[root]
             break
+        as_merged = merged_into.get(u, u)
+        for buffer in reads:
+            seen = readers_of.setdefault(buffer, {})
+            seen.pop(as_merged, None)  # re-entered last: the entries stay in position order
+            seen[as_merged] = position
     return set(merged_into.values())
 
 
