@@ -470,10 +470,10 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
     ancestors: dict[fx.Node, int] = {}
     first = {k: index[members[k][0]] for k in kernels}  # earliest member of each kernel
     is_kernel = set(kernels)
-    # buffer -> {kernel (as merged so far): the last position it read the buffer at}, oldest
-    # first. A kernel merged into another has the other's size, and a kernel others merged into
-    # never merges itself, so one entry per merged kernel is enough.
-    readers_of: dict[fx.Node, dict[fx.Node, int]] = {}
+    # (buffer, kernel size) -> {kernel (as merged so far): the last position it read the
+    # buffer at}, oldest first. A kernel merged into another has the other's size, and a kernel
+    # others merged into never merges itself, so one entry per merged kernel is enough.
+    readers_of: dict[tuple[fx.Node, int], dict[fx.Node, int]] = {}
     position = 0
     for u in units:
         reach = 0
@@ -484,14 +484,16 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
         if u not in is_kernel:
             continue
         position += 1
+        size = node_kinds[u].numel
+        if size < 0:
+            continue  # of unknown size: fuses with nothing
         group = set(members[u])
         reads = {base(i) if i in alias_nodes else i
                  for m in members[u] for i in loads[m] if i not in group}
         reads = [r for r in reads if node_kinds[r].nbytes >= _SHARED_BYTES]
-        size = node_kinds[u].numel
         candidates: set[fx.Node] = set()
         for buffer in reads:
-            seen = readers_of.get(buffer)
+            seen = readers_of.get((buffer, size))
             if not seen:
                 continue
             gone = []  # out of the window for good: positions only grow
@@ -501,8 +503,7 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
                 gone.append(k)
             for k in gone:
                 del seen[k]
-            if size >= 0:
-                candidates.update(k for k in seen if node_kinds[k].numel == size)
+            candidates.update(seen)
         direct = {current(n) for n in needs[u]}
         for root in sorted(candidates, key=first.__getitem__):
             if any(ancestors[n] & mask[root] for n in direct if n is not root):
@@ -520,7 +521,7 @@ def _fuse_siblings(kernels: list[fx.Node], members: dict[fx.Node, list[fx.Node]]
             break
         as_merged = merged_into.get(u, u)
         for buffer in reads:
-            seen = readers_of.setdefault(buffer, {})
+            seen = readers_of.setdefault((buffer, size), {})
             seen.pop(as_merged, None)  # re-entered last: the entries stay in position order
             seen[as_merged] = position
     return set(merged_into.values())
