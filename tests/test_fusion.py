@@ -197,6 +197,29 @@ def test_kernels_sharing_a_read_fuse_and_pull_what_they_need_ahead():
         "mm_1", "mul", "mul_1", "mm"]
 
 
+def test_kernels_sharing_a_read_fuse_only_within_64_kernels_of_each_other():
+    """
+    a = x * 2; p = mm(a, w)                    kernel A reads x
+    g = v; n times: g = mm(relu(g), w)         n kernels in between that do not read x
+    b = g * x                                  kernel B: same size as A, reads x
+    Inductor tries to fuse a buffer's readers only among the last 64 kernels: B joins A (and
+    the chain it needs runs first) up to 63 kernels between them, and stays last from 64.
+    """
+    def chain(n):
+        def f(x, w, v):
+            p = torch.mm(x * 2, w)
+            g = v
+            for _ in range(n):
+                g = torch.mm(torch.relu(g), w)
+            return p, g * x
+        return f
+
+    for n, fused in [(3, True), (63, True), (64, False)]:
+        order = _kernel_order(chain(n), *(torch.randn(4, 4) for _ in range(3)))
+        assert (order[-3:] == ["mul", "mul_1", "mm"]) is fused, n
+        assert (order[:2] == ["mul", "mm"] and order[-1] == "mul_1") is not fused, n
+
+
 def test_kernels_are_not_fused_across_a_dependency():
     """b reads x like a does, but needs a through the matmul: fused, the kernel would wait on
     itself, so the order stays."""
