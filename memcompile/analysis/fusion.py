@@ -333,7 +333,7 @@ def kernel_order(order: list[fx.Node], node_kinds: Mapping[fx.Node, OpKind],
     for node in reversed(order):
         anchor[node] = node
         if node not in generated and node not in alias_nodes and not node_kinds[node].inlines:
-            continue  # an extern op runs alone
+            continue  # an extern op (or a getitem) stays its own unit
         readers = [u for u in node.users if u in index]
         if readers and joins_readers(node, readers):
             anchor[node] = anchor[min(readers, key=lambda u: index[anchor[u]])]
