@@ -16,7 +16,7 @@ backward recomputes the whole forward before the first gradient op (research/tor
    in stretches that double while each lowers the peak by exactly as many steps' bytes
    (`_note_walk`). A value whose eviction left the peak where it was is not tried again until
    the peak moves. On a 32-layer Llama-style graph this takes `auto` from 100 simulated plans
-   to 47, with the same plan.
+   to 46-47, with the same plan.
 3. For a budget of B bytes the pass takes the first plan of the chain whose peak is at most B
    (plans get costlier along the chain, so it is the cheapest such plan the chain knows). A lower
    budget therefore never gives a higher peak. A budget below the chain's least peak raises
