@@ -163,9 +163,10 @@ def _check_budget(value: Any) -> float | int | str | None:
         return value
     if isinstance(value, str):
         try:
-            return _check_budget(parse_bytes(value))
+            nbytes = parse_bytes(value)
         except ValueError as e:
             raise OptionsError("memory_budget", f"{e}; valid: {_BUDGET_VALID}") from None
+        return _check_budget(nbytes)  # outside the try: its own error is already worded
     raise OptionsError("memory_budget", f"got {value!r}; valid: {_BUDGET_VALID}")
 
 

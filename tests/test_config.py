@@ -31,7 +31,7 @@ def test_valid_budgets_are_kept(budget):
 @pytest.mark.parametrize("budget,fragment", [
     (True, "a bool is not a budget"), (0.0, "outside (0, 1]"), (1.5, "outside (0, 1]"),
     (-3, "not positive"), ("lots", "not a byte count"), ("3 parsecs", "not a byte count"),
-    ([1], "got [1]"),
+    ([1], "got [1]"), ("0MiB", "0 bytes is not positive"),
 ])
 def test_bad_budgets_name_the_key_and_the_valid_values(budget, fragment):
     with pytest.raises(OptionsError) as e:
@@ -39,6 +39,7 @@ def test_bad_budgets_name_the_key_and_the_valid_values(budget, fragment):
     message = str(e.value)
     assert message.startswith("memcompile option 'memory_budget'")
     assert fragment in message and '"1.5GiB"' in message
+    assert message.count("memcompile option") == 1 and message.count("valid:") == 1
 
 
 def test_unknown_key_lists_the_valid_ones():
