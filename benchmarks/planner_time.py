@@ -25,7 +25,7 @@ from memcompile.analysis.joint import JointGraph
 from memcompile.errors import MemoryBudgetError
 from memcompile.models import PRESETS, build_model, make_batch
 from memcompile.partition import prepare_joint
-from memcompile.passes.remat_plan import plan
+from memcompile.planning.remat import plan
 
 
 def capture(layers: int, seq_len: int, runtime: str = "eager"):

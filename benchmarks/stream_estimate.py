@@ -1,6 +1,6 @@
 """StreamBP's estimated peak for a model at lengths too long to run here, per layer inputs held.
 
-The stream plan's estimate (`memcompile.passes.stream_memory`) bounds the measured peak from
+The stream plan's estimate (`memcompile.planning.stream_memory`) bounds the measured peak from
 above (tests/test_stream.py; the bench rows beside it in BENCHMARKS.md). It is linear in the
 length, so two traced lengths give its line; where that line crosses a limit is a length the
 plan is guaranteed to fit under that limit by its own accounting. Nothing runs but tracing
@@ -19,9 +19,9 @@ from memcompile.capture import trace_static
 from memcompile.config import Options
 from memcompile.models import build_model, make_batch
 from memcompile.passes.causal_mask import replace_causal_masks
-from memcompile.passes.stream_memory import estimate
+from memcompile.planning.stream_memory import estimate
 from memcompile.passes.stream_plan import plan_stream
-from memcompile.passes.stream_schedule import least_checkpoints, reversal
+from memcompile.planning.stream_schedule import least_checkpoints, reversal
 
 
 class _Planned(Exception):

@@ -16,7 +16,8 @@ import torch
 
 import memcompile
 from memcompile.bench.args import DTYPES as BENCH_DTYPES
-from memcompile.bench.args import add_bench_parser, argtype, parse_options, positive_int
+from memcompile.bench.args import argtype, parse_options, positive_int
+from memcompile.bench.launch import add_bench_parser
 from memcompile.models import PRESETS, build_model, make_batch
 
 DTYPES = {name: getattr(torch, name) for name in BENCH_DTYPES}

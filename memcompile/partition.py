@@ -43,7 +43,7 @@ import memcompile.passes as memcompile_passes
 from memcompile.config import Options
 from memcompile.meta import JOINT, Decision, record_decision
 from memcompile.passes.fused_updates import fuse_optimizer_updates
-from memcompile.passes.remat_split import has_remat_tags, split_by_remat_tags
+from memcompile.planning.remat_split import has_remat_tags, split_by_remat_tags
 from memcompile.report import GraphRecord
 from memcompile.runner import run_passes
 

@@ -43,7 +43,7 @@ class GraphRecord:
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
     plan: Any = None
-    """The rematerialization planner's summary (`passes.remat_plan.RematSummary`), if it ran."""
+    """The rematerialization planner's summary (`planning.remat.RematSummary`), if it ran."""
     stream_plan: Any = None
     """StreamBP's regions (`passes.stream_plan.StreamPlan`) for a graph of kind "stream"."""
     _simulation: MemorySimulation | None = field(default=None, repr=False)

@@ -38,8 +38,8 @@ from memcompile.analysis.attention import mask as attention_mask
 from memcompile.analysis.sequence import SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import Decision, record_decision, record_note
-from memcompile.passes.stream_memory import checkpoints_for, estimate
-from memcompile.passes.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
+from memcompile.planning.stream_memory import checkpoints_for, estimate
+from memcompile.planning.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
                                                reversal)
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
-from memcompile.passes.stream_schedule import Reversal
+from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from memcompile.passes.stream_schedule import Reversal
+from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead

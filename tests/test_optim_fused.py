@@ -8,7 +8,6 @@ through projector refreshes. Memory: the gradients of projected weights never co
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest

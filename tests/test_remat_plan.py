@@ -31,7 +31,7 @@ from memcompile.analysis.schedule import layout, simulate_layout
 from memcompile.measure import tracked_peak
 from memcompile.models import build_model, make_batch
 from memcompile.partition import prepare_joint
-from memcompile.passes.remat_plan import RematPlanner
+from memcompile.planning.remat import RematPlanner
 from memcompile.report import recording
 
 MiB = 2**20
@@ -116,7 +116,7 @@ def test_fast_simulation_equals_the_split_graphs_simulation_on_a_llama():
     from memcompile.analysis.memory import simulate_step
     from memcompile.meta import REMAT
     from memcompile.partition import _fill_rng_wrapper_vals
-    from memcompile.passes.remat_split import split_by_remat_tags
+    from memcompile.planning.remat_split import split_by_remat_tags
 
     model = build_model("tiny")
     batch = make_batch("tiny", seq_len=32)

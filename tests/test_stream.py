@@ -671,7 +671,7 @@ def test_estimate_counts_half_precision_gradient_sums_in_float32(dtype, widening
     term for those sums is twice the keys' and values' bytes then, equal to them otherwise."""
     from memcompile.capture import trace_static
     from memcompile.config import Options
-    from memcompile.passes.stream_memory import estimate
+    from memcompile.planning.stream_memory import estimate
     from memcompile.passes.stream_plan import plan_stream
 
     model = build_model("tiny", dtype=dtype)

@@ -1,5 +1,5 @@
-"""Structure of the stream's layer-input schedule (`passes.stream_schedule`) and of the budget
-that picks it (`passes.stream_memory`): no model runs here."""
+"""Structure of the stream's layer-input schedule (`planning.stream_schedule`) and of the budget
+that picks it (`planning.stream_memory`): no model runs here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import functools
 import pytest
 
 from memcompile.errors import MemoryBudgetError
-from memcompile.passes.stream_memory import StreamMemory, checkpoints_for
-from memcompile.passes.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
+from memcompile.planning.stream_memory import StreamMemory, checkpoints_for
+from memcompile.planning.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
                                                reversal)
 
 

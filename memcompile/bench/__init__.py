@@ -41,15 +41,14 @@ printed) and `bench.png` (peak and step time against tokens). With more than one
 with its step time and time against `checkpoint` (in `bench.md`, also printed), and
 `plane.png`, step time against peak.
 
-Modules: `args` (the command line), `worker` (one configuration, in its own process), `launch`
-(the driver and the command's entry), `results` (slope, table, markdown, plot).
+Modules: `args` (the command line's values), `worker` (one configuration, in its own process),
+`launch` (the `bench` subparser, the driver and the command's entry), `results` (slope, table, markdown, plot).
 """
 
 from __future__ import annotations
 
 from memcompile.bench.args import (
     DEFAULT_MODES,
-    add_bench_parser,
     budget_of,
     format_command,
     is_budget_mode,
@@ -59,7 +58,8 @@ from memcompile.bench.args import (
     parse_options,
     parse_seq_lens,
 )
-from memcompile.bench.launch import _last_json_line, main, run_bench_command, run_config
+from memcompile.bench.launch import (_last_json_line, add_bench_parser, main, run_bench_command,
+                                     run_config)
 from memcompile.bench.results import (
     fit_slope,
     has_plane,

@@ -1,5 +1,5 @@
-"""The bench's command line: parsing and checking each argument, the `bench` subparser, and the
-command line that reproduces a run."""
+"""The bench's command-line values: parsing and checking each argument, and the command line that
+reproduces a run. The `bench` subparser that uses them is in `launch`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from memcompile.config import parse_bytes
@@ -214,51 +213,6 @@ def positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     return _positive(text, float, "a number", "a positive number of seconds")
-
-
-def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the `bench` subcommand to an argparse subparsers object; returns its parser.
-
-    The caller runs ``args.func(args)`` after parsing; `run_bench_command` is that function.
-    """
-    # Imported when called: launch imports this module (format_command), so importing launch at
-    # the top would make the two modules import each other.
-    from memcompile.bench.launch import run_bench_command
-
-    parser = subparsers.add_parser(
-        "bench",
-        help="peak memory and step time of training steps, memcompile against the peers",
-        description=(
-            "Measure one training step (forward, loss, backward) per mode and sequence length, "
-            "each in a fresh process: the allocator peak above what is live at the step's start "
-            "(CPU allocator through torch.profiler, or CUDA's), and the median step time. "
-            f"Modes: {VALID_MODES_TEXT}."
-        ),
-    )
-    parser.add_argument("--model", required=True, type=argtype(parse_model),
-                        help="preset (tiny, small, wide) or hf:<arch>[:key=value,...]")
-    parser.add_argument("--seq-lens", required=True, type=argtype(parse_seq_lens),
-                        help="comma-separated sequence lengths, e.g. 512,1024,2048")
-    parser.add_argument("--modes", type=argtype(parse_modes), default=list(DEFAULT_MODES),
-                        help=f"comma-separated modes (default: {','.join(DEFAULT_MODES)})")
-    parser.add_argument("--options", type=argtype(parse_options), default={},
-                        help="JSON object of memcompile options for the memcompile and mcbudget_* "
-                             "modes (an mcbudget_* mode sets memory_budget over it)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--batch-size", type=argtype(positive_int), default=1)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: cuda when available, else cpu")
-    parser.add_argument("--repeat", type=argtype(positive_int), default=3,
-                        help="timed steps whose median is reported (default 3)")
-    parser.add_argument("--timeout", type=argtype(_positive_float), default=900.0,
-                        help="seconds allowed per configuration (default 900)")
-    parser.add_argument("--jobs", type=argtype(positive_int), default=1,
-                        help="configurations run side by side (default 1). Peaks are unaffected "
-                             "(each process measures its own allocator) but step times compete "
-                             "for cores: keep 1 for timings you report")
-    parser.set_defaults(func=run_bench_command)
-    return parser
 
 
 def format_command(args: argparse.Namespace) -> str:

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.errors import MemoryBudgetError
-from memcompile.passes.stream_schedule import least_checkpoints
+from memcompile.planning.stream_schedule import least_checkpoints
 
 
 @dataclass(frozen=True)
