@@ -11,6 +11,7 @@ from __future__ import annotations
 from memcompile.config import Options, StreamOptions
 from memcompile.errors import (
     MemcompileError,
+    MemcompileWarning,
     MemoryBudgetError,
     NotAvailableError,
     OptionsError,
@@ -22,7 +23,7 @@ from memcompile.meta import Decision
 from memcompile import optim  # GaLore, Natural GaLore and lowrank, as memcompile.optim
 
 __all__ = [
-    "Decision", "Measurement", "MemcompileError", "MemoryBudgetError", "NotAvailableError",
+    "Decision", "Measurement", "MemcompileError", "MemcompileWarning", "MemoryBudgetError", "NotAvailableError",
     "Options", "OptionsError", "PassError", "StreamOptions", "explain", "measure", "optim",
 ]
 __version__ = "0.1.0"

@@ -51,3 +51,10 @@ class UnknownPassError(MemcompileError, ValueError):
 
 class NotAvailableError(MemcompileError, NotImplementedError):
     """An option whose feature is planned but not built yet."""
+
+
+class MemcompileWarning(UserWarning):
+    """A feature the user asked for did not apply to a graph; the message names the graph and
+    says why. Filter it like any warning: `warnings.filterwarnings("ignore",
+    category=memcompile.MemcompileWarning)`. What an "auto" option chose not to do is a note in
+    the report, never this warning."""
