@@ -39,6 +39,11 @@ class GraphRecord:
     passes: list[Any] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
+    unmet: list[tuple[str, str]] = field(default_factory=list)
+    """(pass name, reason): what the user asked for that did not apply to this graph; each was
+    also raised as a `MemcompileWarning` (`memcompile.unmet`)."""
+    origin: str = ""
+    """Where Dynamo captured the graph: function, file and line, compile id."""
     num_user_outputs: int = 0
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
@@ -64,6 +69,8 @@ class GraphRecord:
         os.makedirs(folder, exist_ok=True)
         for filename, text in (("forward.py", self.forward_code),
                                ("backward.py", self.backward_code)):
+            if not text:
+                continue  # a streamed graph has no backward graph: its runtime runs the plan
             with open(os.path.join(folder, filename), "w") as f:
                 f.write(text)
         with open(os.path.join(folder, "decisions.tsv"), "w") as f:
