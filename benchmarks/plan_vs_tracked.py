@@ -45,7 +45,7 @@ def one_budget(preset: str, seq_len: int, budget) -> tuple[int, int]:
 def least_peak(preset: str, seq_len: int) -> int:
     """The least peak the planner reaches: what a budget of one byte is refused with."""
     try:
-        one_budget(preset, seq_len, 1)
+        one_budget(preset, seq_len, "1B")  # an int below 1 MiB is refused (1 against 1.0)
     except Exception as error:
         budget_error = budget_error_of(error)
         if budget_error is None:

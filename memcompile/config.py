@@ -25,8 +25,10 @@ _BYTE_UNITS = {
 _BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _BUDGET_VALID = (
     '"auto", None, a float in (0, 1] (a fraction of the save-everything peak), '
-    'an int of bytes, or a string such as "1.5GiB"'
+    'an int of at least 1 MiB of bytes, or a string such as "1.5GiB"'
 )
+_LEAST_INT_BUDGET = 2**20
+"""The smallest int budget: below it an int is refused as the fraction trap (1 against 1.0)."""
 RUNTIMES = ("inductor", "eager")
 STREAM_DIMS = ("sequence", "batch")
 STREAM_KEYS_VALUES = ("once", "per_chunk")
@@ -92,8 +94,11 @@ class Options(metaclass=_RejectUnknownKeys):
 
     memory_budget: float | int | str | None = "auto"
     """Cap on the step's peak bytes above what is live at its start: a fraction of the
-    save-everything plan's peak, a byte count, None (least recompute) or "auto" (least peak
-    for at most one extra forward of recompute)."""
+    save-everything plan's peak (a float: 1.0 is everything), a byte count (an int of at
+    least 1 MiB, or a string with a unit such as "512MiB"; a smaller int is refused, since 1
+    would be one byte), None (least recompute) or "auto" (least peak for at most one extra
+    forward of recompute). A byte budget holds at every length a dynamic-shape graph runs at
+    (`memcompile.planning.lengths`)."""
     stream: bool | str | StreamOptions = "auto"
     """StreamBP: "auto", True, False or a dict of `StreamOptions` fields."""
     sequence_parallel: bool | Mapping[str, Any] = False
@@ -160,13 +165,24 @@ def _check_budget(value: Any) -> float | int | str | None:
     if isinstance(value, int):
         if value <= 0:
             raise OptionsError("memory_budget", f"{value} bytes is not positive; valid: {_BUDGET_VALID}")
+        if value < _LEAST_INT_BUDGET:
+            # 1 against 1.0: one byte against everything. No step fits in less than a MiB, so
+            # a small int is a fraction written without its point; say both readings.
+            raise OptionsError("memory_budget", (
+                f"{value} reads as {value:,} byte{'s' if value > 1 else ''}; for the fraction "
+                f"write {float(value) if value == 1 else 'a float in (0, 1], e.g. 0.5'}; for "
+                f"bytes write at least 1 MiB ({_LEAST_INT_BUDGET:,}) as an int, or a string "
+                f"with a unit, e.g. '512MiB' ('{value}B' if you mean exactly that)"))
         return value
     if isinstance(value, str):
         try:
             nbytes = parse_bytes(value)
         except ValueError as e:
             raise OptionsError("memory_budget", f"{e}; valid: {_BUDGET_VALID}") from None
-        return _check_budget(nbytes)  # outside the try: its own error is already worded
+        if nbytes <= 0:
+            raise OptionsError("memory_budget", f"{nbytes} bytes is not positive; valid: "
+                               f"{_BUDGET_VALID}")
+        return nbytes  # a string names its unit: no small-int trap
     raise OptionsError("memory_budget", f"got {value!r}; valid: {_BUDGET_VALID}")
 
 

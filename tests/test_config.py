@@ -23,9 +23,26 @@ def test_byte_strings_parse(text, expected):
     assert Options(memory_budget=text).memory_budget == expected
 
 
-@pytest.mark.parametrize("budget", ["auto", None, 0.5, 1.0, 1, 10**9])
+@pytest.mark.parametrize("budget", ["auto", None, 0.5, 1.0, 2**20, 10**9])
 def test_valid_budgets_are_kept(budget):
     assert Options(memory_budget=budget).memory_budget == budget
+
+
+@pytest.mark.parametrize("budget,readings", [
+    (1, ["1 reads as 1 byte;", "for the fraction write 1.0;", "at least 1 MiB", "'512MiB'"]),
+    (4096, ["4096 reads as 4,096 bytes;", "a float in (0, 1]", "at least 1 MiB", "'4096B'"]),
+    (2**20 - 1, ["1048575 reads as 1,048,575 bytes;", "at least 1 MiB (1,048,576)"]),
+])
+def test_an_int_below_one_mib_is_refused_naming_both_readings(budget, readings):
+    """`memory_budget=1` is one byte, not everything (1.0): an int below 1 MiB is refused, the
+    message naming the byte reading and the fraction; strings name their unit and are kept."""
+    with pytest.raises(OptionsError) as e:
+        Options(memory_budget=budget)
+    message = str(e.value)
+    assert message.startswith("memcompile option 'memory_budget'")
+    for fragment in readings:
+        assert fragment in message
+    assert Options(memory_budget=f"{budget}B").memory_budget == budget
 
 
 @pytest.mark.parametrize("budget,fragment", [

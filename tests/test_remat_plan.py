@@ -158,7 +158,7 @@ def test_tracked_peak_equals_the_plan_meets_the_budget_and_gradients_are_exact(b
 def test_a_budget_below_the_least_peak_raises_with_the_least_peak():
     model = build_model("tiny", dtype=torch.float64)
     batch = make_batch("tiny", seq_len=64)
-    compiled = compile_memcompile(model, memory_budget=4096, runtime="eager")
+    compiled = compile_memcompile(model, memory_budget="4096B", runtime="eager")
     with pytest.raises(BackendCompilerFailed) as info:
         train_step(compiled, batch)
     error = info.value.inner_exception
@@ -166,8 +166,30 @@ def test_a_budget_below_the_least_peak_raises_with_the_least_peak():
     assert error.budget_bytes == 4096 and error.least_peak_bytes > 4096
     assert f"{error.least_peak_bytes:,} bytes" in str(info.value)
     # That least peak is itself a budget the planner accepts, and meets.
-    step, record = eager_step(clone_model(model), batch, error.least_peak_bytes)
+    step, record = eager_step(clone_model(model), batch, f"{error.least_peak_bytes}B")
     assert record.plan.chosen_peak == error.least_peak_bytes == tracked_peak(step)
+
+
+def test_a_fraction_below_the_least_peak_names_the_least_fraction_and_what_to_pass():
+    """memory_budget=0.05 on the tiny model: the error says the fraction asked, the least
+    reachable fraction of the save-everything peak, and the fraction to pass instead, which
+    the planner then meets."""
+    model = build_model("tiny", dtype=torch.float64)
+    batch = make_batch("tiny", seq_len=64)
+    compiled = compile_memcompile(clone_model(model), memory_budget=0.05, runtime="eager")
+    with pytest.raises(BackendCompilerFailed) as info:
+        train_step(compiled, batch)
+    error = info.value.inner_exception
+    assert isinstance(error, MemoryBudgetError) and error.budget == 0.05
+    least = error.least_peak_bytes / error.reference_bytes
+    use = error.least_fraction
+    assert least <= use < least + 0.01 + 1e-9
+    assert (f"memory_budget=0.05 cannot be met: the least reachable is {least:.4f} of the "
+            f"save-everything peak") in str(error)
+    assert str(error).endswith(f"use {use} or 'auto'")
+    step, record = eager_step(clone_model(model), batch, use)
+    assert record.plan.save_all_peak == error.reference_bytes
+    assert record.plan.chosen_peak <= record.plan.budget_bytes == int(use * error.reference_bytes)
 
 
 def test_inductor_runtime_takes_the_plan_and_stays_exact():

@@ -424,7 +424,7 @@ def _plan(joint: JointGraph, budget: Any, cost: CostModel, fusion: bool
     planner = RematPlanner(joint, cost, fusion=fusion)
     budget_bytes = resolve_budget(budget, planner)
     if budget_bytes is not None:
-        point = planner.for_budget(budget_bytes)
+        point = _for_budget(planner, budget, budget_bytes)
     elif budget == "auto":
         point = planner.auto()
     else:  # None: no budget, the least recompute
@@ -439,6 +439,19 @@ def _plan(joint: JointGraph, budget: Any, cost: CostModel, fusion: bool
         priced_on="inductor" if fusion else "eager",
     )
     return point, summary, planner
+
+
+def _for_budget(planner: RematPlanner, budget: Any, budget_bytes: int) -> PlanPoint:
+    """`planner.for_budget`, its error naming a fractional budget as the fraction asked, the
+    least reachable fraction and what to pass instead."""
+    try:
+        return planner.for_budget(budget_bytes)
+    except MemoryBudgetError as e:
+        if not isinstance(budget, float):
+            raise
+        raise MemoryBudgetError(
+            e.budget_bytes, e.least_peak_bytes, budget=budget,
+            reference_bytes=planner.save_all().peak_bytes) from None
 
 
 def tag_plan(joint: JointGraph, point: PlanPoint, node_seconds: dict[fx.Node, float]) -> None:

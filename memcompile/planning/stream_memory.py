@@ -90,7 +90,8 @@ def checkpoints_for(budget: Any, memory: StreamMemory) -> int | None:
         least = memory.peak(least_checkpoints(n))
         raise MemoryBudgetError(
             limit, least, f"stream: the estimated peak holding {least_checkpoints(n)} of "
-            f"{n} layer inputs at once; a shorter sequence or smaller chunks lower it")
+            f"{n} layer inputs at once; a shorter sequence or smaller chunks lower it",
+            budget=budget if isinstance(budget, float) else None, reference_bytes=memory.peak(n))
     return max(fitting)
 
 
