@@ -302,19 +302,27 @@ def test_greedy_against_the_exhaustive_optimum(depth, residual, gap, cost_gap):
 
 
 class CheckpointedMLP(torch.nn.Module):
-    def __init__(self, policy=None):
+    """``blocks`` checkpointed blocks Linear(64, width) → gelu → Linear(width, 64) → tanh, under
+    `policy` (a selective-checkpoint policy) or plain checkpointing (None); the loss is the sum."""
+
+    def __init__(self, policy=None, *, blocks: int = 1, width: int = 64):
         super().__init__()
-        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.a = torch.nn.ModuleList(torch.nn.Linear(64, width) for _ in range(blocks))
+        self.b = torch.nn.ModuleList(torch.nn.Linear(width, 64) for _ in range(blocks))
         self.policy = policy
 
-    def block(self, x):
-        return self.b(torch.nn.functional.gelu(self.a(x))).tanh()
+    @staticmethod
+    def block(x, a, b):
+        return b(torch.nn.functional.gelu(a(x))).tanh()
 
     def forward(self, x):
-        if self.policy is None:
-            return checkpoint(self.block, x, use_reentrant=False).sum()
-        context = functools.partial(create_selective_checkpoint_contexts, self.policy)
-        return checkpoint(self.block, x, use_reentrant=False, context_fn=context).sum()
+        extra = {}
+        if self.policy is not None:
+            extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts,
+                                                    self.policy)
+        for a, b in zip(self.a, self.b):
+            x = checkpoint(self.block, x, a, b, use_reentrant=False, **extra)
+        return x.sum()
 
 
 def _save_matmuls(ctx, op, *args, **kwargs):
@@ -338,19 +346,43 @@ def test_checkpoint_region_is_recomputed_without_a_budget():
     assert recomputed and all("checkpoint region" in d.reason for d in recomputed.values())
 
 
-@pytest.mark.parametrize("budget", [None, 1.0, 0.6])
+def _prefer_recompute(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Four blocks of width 256: the saved activations make the peak, so a budget presses on them.
+# The least reachable peaks are 0.646 of the save-everything peak when every op may be
+# recomputed and 0.714 when the matmuls must be saved; TIGHT lies between.
+DEEP = {"blocks": 4, "width": 256}
+TIGHT = 0.68
+
+
+@pytest.mark.parametrize("budget", [None, 1.0, 0.75])
 def test_must_save_stays_saved_at_every_budget(budget):
-    model = seeded(lambda: CheckpointedMLP(_save_matmuls))
+    """Every budget the planner meets keeps the MUST_SAVE matmuls saved, gradients exact."""
+    model = seeded(lambda: CheckpointedMLP(_save_matmuls, **DEEP))
     x = torch.randn(128, 64, dtype=torch.float64)
     ref = clone_model(model)
-    try:
-        _, record = eager_step(model, (x,), budget)
-    except BackendCompilerFailed as e:  # a budget the MUST_SAVE values alone exceed
-        assert isinstance(e.inner_exception, MemoryBudgetError)
-        return
+    _, record = eager_step(model, (x,), budget)
     train_step(ref, (x,))
     assert max_grad_error(model, ref) <= FLOAT64_TOL
     saved = _decisions(record, "saved")
     addmms = [n for n in saved if n.startswith("addmm")]
-    assert addmms and all("MUST_SAVE" in saved[n].reason for n in addmms)
+    assert len(addmms) == 8 and all("MUST_SAVE" in saved[n].reason for n in addmms)
     assert not any(n.startswith("addmm") for n in _decisions(record, "recomputed"))
+
+
+def test_must_save_refuses_a_budget_only_recomputing_it_would_meet():
+    """At TIGHT the same blocks without MUST_SAVE plan within the budget by recomputing
+    matmuls; with MUST_SAVE the planner raises instead, its least peak above the budget."""
+    x = torch.randn(128, 64, dtype=torch.float64)
+    free = seeded(lambda: CheckpointedMLP(_prefer_recompute, **DEEP))
+    _, record = eager_step(free, (x,), TIGHT)
+    assert record.plan.chosen_peak <= record.plan.budget_bytes
+    assert any(n.startswith("addmm") for n in _decisions(record, "recomputed"))
+    model = seeded(lambda: CheckpointedMLP(_save_matmuls, **DEEP))
+    with pytest.raises(BackendCompilerFailed) as info:
+        eager_step(model, (x,), TIGHT)
+    error = info.value.inner_exception
+    assert isinstance(error, MemoryBudgetError)
+    assert error.least_peak_bytes > record.plan.budget_bytes >= record.plan.chosen_peak
