@@ -1,8 +1,8 @@
 """StreamBP on a CUDA device: its attention kernels and its gradients against eager.
 
-Two checks, each printed as one JSON line and judged by DESIGN.md's rule for reduced
-precision (memcompile's error against a float64 reference at most max(1.5 × eager's own error
-in the same dtype, 1e-6)):
+Two checks, each printed as one JSON line and judged by the rule for reduced precision of
+docs/design.md, "Exactness, defined" (memcompile's error against a float64 reference at most
+max(1.5 × eager's own error in the same dtype, 1e-6)):
 
 1. `kernels`: a chunk's causal attention over its prefix (`prefix_causal_attention`, key/value
    gradients into sinks, blocks of keys), for each kernel the device offers: flash (bfloat16,

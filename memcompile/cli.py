@@ -41,7 +41,8 @@ def _describe(args: argparse.Namespace) -> str:
 
 
 def _max_grad_difference(model: torch.nn.Module, ref: torch.nn.Module) -> float:
-    """Worst relative gradient difference over the parameters (DESIGN.md's exactness measure)."""
+    """Worst relative gradient difference over the parameters (the exactness measure of
+    docs/design.md, "Exactness, defined")."""
     worst = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
         worst = max(worst, ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)).item())

@@ -1,6 +1,6 @@
 """Shared test helpers: tiny model builders, one-step training, and gradient comparison.
 
-Exactness (DESIGN.md, "Exactness, defined") is measured per parameter as
+Exactness (docs/design.md, "Exactness, defined") is measured per parameter as
 ``‖g − g_ref‖ / ‖g_ref‖`` over the whole tensor, worst over all parameters and the loss:
 
 - float64 against float64 eager: at most :data:`FLOAT64_TOL`;

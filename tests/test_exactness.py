@@ -1,6 +1,6 @@
 """Exactness of memcompile's training step against eager PyTorch, in float64.
 
-DESIGN.md, "Exactness, defined": the loss and every parameter gradient within 1e-10 relative
+docs/design.md, "Exactness, defined": the loss and every parameter gradient within 1e-10 relative
 (``‖g − g_ref‖ / ‖g_ref‖``) of float64 eager. Hypothesis draws random small MLPs and Llama
 configurations (eager runtime); fixed examples cover dynamic shapes, graph breaks, inputs with
 and without grad, ``torch.no_grad()``, ``torch.utils.checkpoint`` and BatchNorm's running

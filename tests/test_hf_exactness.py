@@ -1,6 +1,6 @@
 """Exactness on small Hugging Face causal LMs (Llama, Qwen2, GPT-2) built from configs.
 
-DESIGN.md, "Exactness, defined". float32: the worst relative error of the loss and every
+docs/design.md, "Exactness, defined". float32: the worst relative error of the loss and every
 gradient against a float64 twin (same weights, cast) is at most
 ``max(1.5 × eager float32's own error, 1e-6)``, in both runtimes. float64: at most 1e-10 against
 float64 eager, in the eager runtime.

@@ -694,8 +694,8 @@ def test_estimate_counts_half_precision_gradient_sums_in_float32(dtype, widening
 
 def test_bfloat16_streams_within_the_reduced_precision_rule():
     """Half precision: key/value gradient sums are kept in float32, and each chunk's are cast
-    back for the projections; the result is held to DESIGN.md's rule for reduced precision
-    (1.5x eager's own error against float64)."""
+    back for the projections; the result is held to the reduced-precision rule of
+    docs/design.md, "Exactness, defined" (1.5x eager's own error against float64)."""
     eager16 = build_model("tiny", dtype=torch.bfloat16)
     ref64 = clone_model(eager16, dtype=torch.float64)
     model = clone_model(eager16)
