@@ -54,7 +54,7 @@ def test_optim_memory_json(memory_run):
     assert {"command", "config", "rows", "refresh", "seq_len", "torch_version"} <= set(results)
     rows = {r["mode"]: r for r in results["rows"]}
     assert list(rows) == ["adamw", "galore", "natural_galore", "galore_fused"]
-    for mode in ("adamw", "galore", "natural_galore"):
+    for mode in ("adamw", "galore", "natural_galore", "galore_fused"):
         r = rows[mode]
         assert r["ok"], r["error"]
         assert finite(r["peak_bytes"], r["baseline_bytes"], r["step_seconds"])
@@ -62,9 +62,11 @@ def test_optim_memory_json(memory_run):
     # The target at rank d/4 (hidden 64, rank 16): at least 65% less state than AdamW's
     # over the projected weights.
     assert rows["galore"]["state_bytes_projected"] <= 0.35 * rows["adamw"]["state_bytes_projected"]
-    # The fused mode runs once fused_backward lands; until then it is a row with the error.
+    # Fused updates keep GaLore's state and free each projected gradient inside the backward:
+    # a lower step peak than unfused GaLore's (0.38 against 0.43 MiB at this size).
     fused = rows["galore_fused"]
-    assert fused["ok"] or fused["error"]
+    assert fused["state_bytes_total"] == rows["galore"]["state_bytes_total"]
+    assert fused["peak_bytes"] < rows["galore"]["peak_bytes"]
     (refresh,) = results["refresh"]
     assert refresh["ok"] and finite(refresh["exact_seconds"], refresh["randomized_seconds"])
 
@@ -93,7 +95,8 @@ def test_optim_memory_worker_row_in_subprocess():
             "seq_len": 16, "batch_size": 1, "runtime": "eager", "repeat": 1, "threads": 1}
     row = om.row_in_subprocess(spec, timeout=120)
     assert (row["mode"], row["rank"]) == ("galore_fused", 16)
-    assert row["ok"] or "NotImplementedError" in row["error"]
+    assert row["ok"], row["error"]
+    assert finite(row["peak_bytes"], row["step_seconds"]) and row["peak_bytes"] > 0
 
 
 # ---------------------------------------------------------------------------------- pretrain
