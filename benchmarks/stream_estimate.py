@@ -15,12 +15,11 @@ import argparse
 
 import torch
 
-from memcompile.capture import trace_static
+from memcompile.capture import stream_forward
 from memcompile.config import Options
+from memcompile.meta import STREAM_PLAN
 from memcompile.models import build_model, make_batch
-from memcompile.passes.causal_mask import replace_causal_masks
 from memcompile.planning.stream_memory import estimate
-from memcompile.passes.stream_plan import plan_stream
 from memcompile.planning.stream_schedule import least_checkpoints, reversal
 
 
@@ -35,8 +34,8 @@ def plan_terms(model_name: str, length: int, options: dict, dtype: torch.dtype =
     found = {}
 
     def backend(gm, example_inputs):
-        forward = replace_causal_masks(trace_static(gm, example_inputs))
-        plan = plan_stream(forward, list(example_inputs), Options(stream=options))
+        forward, _ = stream_forward(gm, example_inputs, Options(stream=options), "estimate")
+        plan = forward.meta[STREAM_PLAN]
         found["memory"] = estimate(plan, [x for x in example_inputs
                                           if isinstance(x, torch.Tensor) and x.requires_grad])
         raise _Planned

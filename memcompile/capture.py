@@ -24,12 +24,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memcompile.config import Options
-from memcompile.meta import DECISIONS, NOTES
+from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
+from memcompile.passes.registry import resolve_pipeline
 from memcompile.report import GraphRecord, discard_record, new_record
+from memcompile.runner import run_passes
 from memcompile.runtime.eager import compile_eager
 from memcompile.runtime.inductor import compile_inductor
+from memcompile.unmet import origin, warn_unmet
+
+STREAM_PASS = "stream_plan"
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +58,15 @@ def _inference_compiler(record: GraphRecord) -> Callable[..., Any]:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                  notes: Sequence[tuple[str, str]] = ()) -> Any:
+                  record: GraphRecord | None = None,
+                  unmet: Sequence[tuple[str, str]] = ()) -> Any:
     """Compile one Dynamo graph with memcompile's passes and the runtime the options name.
 
-    `notes` (pass name, text) are added to the graph's record (why stream did not apply).
+    `record` is the graph's record when a stream attempt made one already, and `unmet` the
+    requests it could not honour, (pass name, reason), warned about with the others.
     """
-    record = new_record()
+    if record is None:
+        record = new_record(origin(gm))
     fused_slots = {i: slot for i, t in enumerate(example_inputs)
                    if (slot := fused.slot_of(t)) is not None}
     partitioner = MemcompilePartitioner(options, record, fused_slots)
@@ -91,8 +99,27 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
         record.kind = "inference"
         record.notes.append(("capture", _INFERENCE_NOTE_INDUCTOR))
         log.info("%s: %s", record.name, _INFERENCE_NOTE_INDUCTOR)
-    record.notes.extend(notes)
+    _check_requests(record, options, [*unmet, *partitioner.unmet])
     return compiled
+
+
+def _check_requests(record: GraphRecord, options: Options,
+                    unmet: list[tuple[str, str]]) -> None:
+    """Warn for each explicit request the compiled graph did not honour; note what "auto" and
+    graphs without a backward leave alone."""
+    numeric = options.memory_budget not in (None, "auto")
+    if record.kind == "training" and numeric and "plan_remat" not in resolve_pipeline(
+            options.passes, options.disable_passes, options.runtime):
+        unmet.append(("plan_remat", f"memory_budget={options.memory_budget!r}: the plan_remat "
+                      "pass is not in the pipeline (options 'passes'/'disable_passes'), so "
+                      "nothing plans the step's peak"))
+    elif record.kind == "inference" and numeric:
+        record.notes.append(("plan_remat", "no backward: memory_budget has no saved values to "
+                             "plan on this graph"))
+    if options.stream == "auto" and record.kind == "training":
+        record.notes.append((STREAM_PASS, "stream 'auto' leaves graphs unchanged for now; "
+                             "stream=True streams them"))
+    warn_unmet(record, unmet)
 
 
 def _aot_cache_hits() -> int:
@@ -100,33 +127,59 @@ def _aot_cache_hits() -> int:
 
 
 def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
-    """Compile one Dynamo graph with StreamBP (`options["stream"]`), or, where the graph has
-    nothing to chunk, as `compile_graph` does, with a note saying why."""
-    from memcompile.runtime.stream_program import StreamProgram
-    from memcompile.passes.causal_mask import replace_causal_masks
-    from memcompile.passes.stream_plan import STREAM_PASS, plan_stream
+    """Compile one Dynamo graph with StreamBP (`options["stream"]`).
 
+    The stream pipeline (`causal_mask`, `key_mask`, `stream_plan`; `options["passes"]` and
+    `"disable_passes"` name them) runs through the runner on the forward aten graph. Where no
+    plan results, the graph is compiled as `compile_graph` does, with a `MemcompileWarning`
+    saying why: the user asked for stream explicitly.
+    """
+    from memcompile.runtime.stream_program import StreamProgram
+
+    record = new_record(origin(gm))
     if any(not isinstance(x, torch.Tensor) or _has_symbolic_shape(x) for x in example_inputs):
         reason = "stream needs static shapes (a graph with symbolic sizes was captured)"
-        return _without_stream(gm, example_inputs, options, reason)
-    forward = replace_causal_masks(trace_static(gm, example_inputs))
-    plan = plan_stream(forward, list(example_inputs), options)
+        return _without_stream(gm, example_inputs, options, record, reason)
+    try:
+        forward, record.passes = stream_forward(gm, example_inputs, options, record.name)
+    except BaseException:
+        discard_record(record)
+        raise
+    plan = forward.meta.get(STREAM_PLAN)
     if plan is None:
-        reason = "; ".join(text for name, text in forward.meta.get(NOTES, [])
-                           if name == STREAM_PASS)
-        return _without_stream(gm, example_inputs, options, reason)
-    record = new_record()
+        return _without_stream(gm, example_inputs, options, record, _no_plan_reason(forward,
+                                                                                   options))
     record.kind = "stream"
     record.stream_plan = plan
+    record.forward = forward
     record.forward_code = forward.code
     record.decisions = list(forward.meta.get(DECISIONS, []))
     record.notes = list(forward.meta.get(NOTES, []))
     if options.runtime == "inductor":
         record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
                                           "Inductor)"))
+    if options.dump_dir:
+        record.dump(options.dump_dir)
     log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
              "chunked" if plan.head else "whole")
+    warn_unmet(record, forward.meta.get(UNMET, []))
     return StreamProgram(forward, plan)
+
+
+def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                   graph_name: str) -> tuple[fx.GraphModule, list[Any]]:
+    """The Dynamo graph as a static aten graph, through the stream pipeline; its plan, if one
+    was made, is in `meta[STREAM_PLAN]`. Returns it and the runner's pass records."""
+    return run_passes(trace_static(gm, example_inputs), list(example_inputs), options=options,
+                      graph_name=graph_name, graph="stream")
+
+
+def _no_plan_reason(forward: fx.GraphModule, options: Options) -> str:
+    if STREAM_PASS not in resolve_pipeline(options.passes, options.disable_passes,
+                                           options.runtime, graph="stream"):
+        return (f"the {STREAM_PASS} pass is not in the pipeline (options 'passes'/"
+                "'disable_passes')")
+    return "; ".join(text for name, text in forward.meta.get(NOTES, []) if name == STREAM_PASS)
 
 
 def trace_static(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
@@ -146,6 +199,8 @@ def _has_symbolic_shape(x: torch.Tensor) -> bool:
 
 
 def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                    reason: str) -> Any:
-    log.info("stream not applied: %s", reason)
-    return compile_graph(gm, example_inputs, options, [("stream_plan", f"not applied: {reason}")])
+                    record: GraphRecord, reason: str) -> Any:
+    """Compile as `compile_graph` does, keeping the stream attempt's record and warning why."""
+    log.info("%s: stream not applied: %s", record.name, reason)
+    record.notes = [(STREAM_PASS, f"not applied: {reason}")]
+    return compile_graph(gm, example_inputs, options, record, [(STREAM_PASS, reason)])

@@ -14,6 +14,9 @@ DECISIONS = "memcompile.decisions"
 """gm.meta key: list of `Decision` made by passes on this graph."""
 NOTES = "memcompile.notes"
 """gm.meta key: list of (pass_name, text): why a pass left the graph unchanged, and the like."""
+UNMET = "memcompile.unmet"
+"""gm.meta key: list of (pass_name, reason): what the user asked for explicitly that a pass could
+not do on this graph. The backend turns each into a `MemcompileWarning`."""
 
 REMAT = "memcompile.remat"
 """node.meta key: "save" or "recompute", a rematerialization plan's tag on a forward value."""
@@ -23,6 +26,17 @@ what the partition knows about the joint graph and passes need to tell forward f
 
 REMAT_PLAN = "memcompile.remat_plan"
 """gm.meta key on a joint graph: the `RematSummary` of the plan chosen for it."""
+
+FEATURES = {
+    "stream_plan": "stream (StreamBP)",
+    "plan_remat": "memory_budget",
+    "fuse_optimizer_updates": "fused optimizer updates",
+}
+"""The feature each pass serves, as the user asks for it: how a warning names what did not
+apply."""
+
+STREAM_PLAN = "memcompile.stream_plan"
+"""gm.meta key on a forward graph: the `StreamPlan` the `stream_plan` pass decided for it."""
 
 DECISION_KINDS = ("saved", "recomputed", "chunked", "offloaded", "sharded", "fused update")
 
@@ -50,3 +64,10 @@ def record_decision(gm: fx.GraphModule, decision: Decision) -> None:
 def record_note(gm: fx.GraphModule, pass_name: str, text: str) -> None:
     """Record why a pass did what it did (or nothing), for the log and the report."""
     gm.meta.setdefault(NOTES, []).append((pass_name, text))
+
+
+def record_unmet(gm: fx.GraphModule, pass_name: str, reason: str) -> None:
+    """Record that something the user asked for explicitly did not apply, and why: a note, and
+    a `MemcompileWarning` once the graph is compiled (`memcompile.unmet`)."""
+    record_note(gm, pass_name, f"not applied: {reason}")
+    gm.meta.setdefault(UNMET, []).append((pass_name, reason))

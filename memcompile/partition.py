@@ -41,7 +41,7 @@ from memcompile.analysis.memory import is_tangent, new_bytes, storage_key, tenso
 import memcompile as memcompile_package
 import memcompile.passes as memcompile_passes
 from memcompile.config import Options
-from memcompile.meta import JOINT, Decision, record_decision
+from memcompile.meta import JOINT, UNMET, Decision, record_decision
 from memcompile.passes.fused_updates import fuse_optimizer_updates
 from memcompile.planning.remat_split import has_remat_tags, split_by_remat_tags
 from memcompile.report import GraphRecord
@@ -71,6 +71,8 @@ class MemcompilePartitioner(CustomPartitionerFn):
         self.fused_slots = fused_slots or {}
         """Input index -> slot of the weights a `lowrank(..., fused_backward=True)` optimizer
         steps inside the backward (`passes.fused_updates`)."""
+        self.unmet: list[tuple[str, str]] = []
+        """(pass name, reason): explicit requests the passes could not honour (`meta.UNMET`)."""
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
@@ -85,9 +87,10 @@ class MemcompilePartitioner(CustomPartitionerFn):
             "static_lifetime_input_indices": list(kwargs.get("static_lifetime_input_indices")
                                                   or ()),
         }
-        gm, self.record.passes = run_passes(
+        gm, records = run_passes(
             gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
         )
+        self.record.passes = [*self.record.passes, *records]  # after a stream attempt's
         if has_remat_tags(gm):
             fw, bw, _ = split_by_remat_tags(
                 gm, num_fwd_outputs=kwargs["num_fwd_outputs"],
@@ -106,6 +109,7 @@ class MemcompilePartitioner(CustomPartitionerFn):
         if not has_remat_tags(gm):
             _record_split_decisions(gm, fw, bw)  # the planner recorded its own decisions
         self.record.set_split(gm, fw, bw)
+        self.unmet = [*gm.meta.get(UNMET, []), *bw.meta.get(UNMET, [])]
         if self.options.dump_dir:
             self.record.dump(self.options.dump_dir)
         log.info(

@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 
 from memcompile.analysis.memory import MemorySimulation, MissingMetadataError, simulate_step
-from memcompile.meta import DECISION_KINDS, DECISIONS, NOTES, REMAT_PLAN, Decision
+from memcompile.meta import DECISION_KINDS, DECISIONS, FEATURES, NOTES, REMAT_PLAN, Decision
 
 _graph_ids = itertools.count()
 _active_recorders: list[list[GraphRecord]] = []
@@ -58,7 +58,7 @@ class GraphRecord:
         self.joint_after = joint.code
         self.forward, self.backward = fw, bw
         self.forward_code, self.backward_code = fw.code, bw.code
-        self.notes = [*joint.meta.get(NOTES, []), *bw.meta.get(NOTES, [])]
+        self.notes = [*self.notes, *joint.meta.get(NOTES, []), *bw.meta.get(NOTES, [])]
         self.plan = joint.meta.get(REMAT_PLAN)
         self.decisions = [*joint.meta.get(DECISIONS, []), *fw.meta.get(DECISIONS, []),
                           *bw.meta.get(DECISIONS, [])]
@@ -98,9 +98,10 @@ class GraphRecord:
         return sim
 
 
-def new_record() -> GraphRecord:
-    """A record for the next compiled graph, handed to every active `recording()`."""
-    record = GraphRecord(name=f"graph_{next(_graph_ids)}")
+def new_record(origin: str = "") -> GraphRecord:
+    """A record for the next compiled graph, handed to every active `recording()`; `origin`
+    says where Dynamo captured it."""
+    record = GraphRecord(name=f"graph_{next(_graph_ids)}", origin=origin)
     for sink in _active_recorders:
         sink.append(record)
     return record
@@ -204,6 +205,8 @@ def _graph_lines(r: GraphRecord) -> list[str]:
     for p in r.passes:
         diff = ", ".join(f"{op} {n:+d}" for op, n in p.op_diff.items()) or "no change"
         lines.append(f"  pass {p.name}: {p.seconds * 1e3:.1f} ms, {diff}")
+    for pass_name, reason in r.unmet:
+        lines.append(f"  WARNING {FEATURES.get(pass_name, pass_name)} not applied: {reason}")
     for pass_name, text in r.notes:
         lines.append(f"  note ({pass_name}): {text}")
     for kind in DECISION_KINDS:

@@ -62,9 +62,11 @@ def run_passes(
     *,
     options: Options,
     graph_name: str,
+    graph: str = "joint",
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
-    """Run the pipeline the options name on `gm`; return the result and one record per pass."""
-    names = resolve_pipeline(options.passes, options.disable_passes, options.runtime)
+    """Run the pipeline the options name for `graph` ("joint" or "stream", see
+    `passes.registry`) on `gm`; return the result and one record per pass."""
+    names = resolve_pipeline(options.passes, options.disable_passes, options.runtime, graph)
     log.info("%s: running passes %s", graph_name, names or "(none)")
     records: list[PassRecord] = []
     for index, name in enumerate(names):

@@ -1,130 +1,93 @@
-"""Split a padding mask into the causal rule and a mask over keys alone.
+"""`key_mask`: split a padding mask into the causal rule and a mask over keys alone.
 
-With an `attention_mask` (padding), transformers builds attention's mask under `torch.compile`
-as `causal(q, k) & padding(b, k)`, expanded to `(batch, 1, T, T)` and turned additive with
-`where(mask, 0, -inf)`. It depends on an input, so it cannot be evaluated at compile time, and
-it is quadratic in the length. But only one factor needs the query: the causal rule, which the
-kernel applies itself (`is_causal`). The rest is a `(batch, 1, 1, T)` mask over keys.
+A mask built from the inputs (`causal & padding`, see `analysis.masks`) cannot be evaluated at
+compile time, and it is quadratic in the length. Where it splits into the causal rule and terms
+over keys alone, this pass sets the kernel's `is_causal` and hands it the `(batch, 1, 1, T)`
+additive mask over keys instead, so a streamed chunk of queries reads the keys' mask and never a
+`(T, T)` one. A mask that does not split (a sliding window, a document mask), or a kernel the
+stream runtime takes no key mask on, is kept whole, with a note saying why.
 
-`split_key_mask(mask)` reads that structure off the graph: an additive `where(c, 0, -inf)` of a
-boolean `c`, optionally expanded, that is an `and` of terms each of which is either
-
-- the causal comparison `k <= q` (or `q >= k`), where `k` and `q` are position indices: values
-  computed from no input that equal `arange(T)` along the last and the second-to-last
-  dimension (checked by evaluating them: they are `T` elements each), or
-- a term that does not vary along the query dimension (size 1 there): padding, for one.
-
-Anything else (a sliding window, a document mask) leaves the mask as it is, with the reason.
+It runs in the stream pipeline, after `causal_mask`, on the forward graph StreamBP plans.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from memcompile.analysis import attention
+from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.masks import KeyMaskSplit, ancestors, split_key_mask
+from memcompile.meta import record_note
+from memcompile.passes.registry import register_pass
+
 aten = torch.ops.aten
 
-_ANDS = (aten.bitwise_and.Tensor, aten.logical_and.default)
-_EXPANDS = (aten.expand.default,)
+PASS_NAME = "key_mask"
+_CPU_ATTENTION = aten._scaled_dot_product_flash_attention_for_cpu.default
+"""The kernel whose chunked form (`runtime.chunk_attention`) takes a mask over keys."""
 
 
-@dataclass(frozen=True)
-class KeyMaskSplit:
-    """A mask found to be `causal & keys`: the terms over keys alone, and the additive mask's
-    zero and minus-infinity arguments to rebuild it from them."""
-
-    keys: list[fx.Node]
-    zero: object
-    hidden: object
-
-
-def split_key_mask(mask: fx.Node) -> KeyMaskSplit | str:
-    """The key terms of `mask` if it is the causal rule and terms over keys alone, else why not."""
-    if mask.target is not aten.where.self:
-        return "not an additive mask made by where(mask, 0, -inf)"
-    condition, zero, hidden = mask.args
-    if not (_constant(zero) == 0.0 and _constant(hidden) == -math.inf):
-        return "not an additive mask made by where(mask, 0, -inf)"
-    while isinstance(condition, fx.Node) and condition.target in _EXPANDS:
-        condition = condition.args[0]
-    terms = _and_terms(condition)
-    causal = [t for t in terms if _is_causal_comparison(t)]
-    keys = [t for t in terms if t not in causal]
-    if not causal:
-        return "no causal comparison of positions among its terms"
-    for term in keys:
-        val = term.meta.get("val") if isinstance(term, fx.Node) else None
-        if not isinstance(val, torch.Tensor):
-            return f"{getattr(term, 'name', term)} has no recorded value"
-        if val.dim() >= 2 and val.shape[-2] != 1:
-            return f"{term.name} varies along the queries (a window or document mask?)"
-    return KeyMaskSplit(keys, zero, hidden)
+@register_pass(PASS_NAME, default=True, rank=20, graph="stream")
+def key_mask_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
+                  options: Any = None) -> fx.GraphModule:
+    """Replace each input-built mask that is `causal & keys` by the causal kernel with a mask
+    over keys alone."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in ATTENTION_OPS:
+            continue
+        mask = attention.mask(node)
+        if not isinstance(mask, fx.Node) or all(n.op == "call_function"
+                                                for n in ancestors(mask)):
+            continue  # no mask, or a constant one (`causal_mask`'s)
+        replaced += _use_key_mask(gm, node, mask)
+    if replaced:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
 
 
-def _constant(value: object) -> float | None:
-    """A Python number, or a scalar_tensor node's value."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, fx.Node) and value.target is aten.scalar_tensor.default:
-        return float(value.args[0])
-    return None
-
-
-def _and_terms(node: object) -> list[object]:
-    if isinstance(node, fx.Node) and node.target in _ANDS:
-        return [t for arg in node.args[:2] for t in _and_terms(arg)]
-    return [node]
-
-
-def _is_causal_comparison(term: object) -> bool:
-    """`keys <= queries` or `queries >= keys` over position indices."""
-    if not isinstance(term, fx.Node):
+def _use_key_mask(gm: fx.GraphModule, node: fx.Node, mask: fx.Node) -> bool:
+    found = split_key_mask(mask)
+    if node.target is not _CPU_ATTENTION:
+        found = f"{node.target} (the stream runtime takes a key mask on the CPU kernel only)"
+    key_mask = _build_key_mask(gm, node, found) if isinstance(found, KeyMaskSplit) else None
+    if key_mask is None:
+        reason = found if isinstance(found, str) else "its key terms do not form a 4-d mask"
+        record_note(gm, PASS_NAME, f"{mask.name} depends on the inputs (a padding "
+                    f"mask) and stays whole: {reason}")
         return False
-    if term.target is aten.le.Tensor:
-        keys, queries = term.args
-    elif term.target is aten.ge.Tensor:
-        queries, keys = term.args
-    else:
-        return False
-    return _positions(keys, dim=-1) and _positions(queries, dim=-2)
+    args, kwargs = attention.with_causal(node.args, node.kwargs, node.target, True)
+    node.args, node.kwargs = args, {**kwargs, "attn_mask": key_mask}
+    record_note(gm, PASS_NAME, f"{node.name}: its mask {mask.name} "
+                f"{tuple(mask.meta['val'].shape)} is the causal rule and a mask over keys; "
+                f"replaced by the causal kernel with the key mask "
+                f"{tuple(key_mask.meta['val'].shape)}")
+    return True
 
 
-def _positions(node: object, dim: int) -> bool:
-    """Whether `node` is computed from no input and equals `arange(T)` along `dim` (size 1
-    elsewhere)."""
-    if not isinstance(node, fx.Node):
-        return False
-    nodes = ancestors(node)
-    if any(n.op != "call_function" for n in nodes):
-        return False
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() < 2 or val.numel() != val.shape[dim]:
-        return False
-    with torch.no_grad():
-        value = evaluate(nodes)
-    return bool((value.flatten() == torch.arange(value.numel(), device=value.device)).all())
-
-
-def ancestors(node: fx.Node) -> list[fx.Node]:
-    """`node` and every node it is computed from, in graph order."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
-
-
-def evaluate(nodes: list[fx.Node]) -> torch.Tensor:
-    """The last of `nodes` (a graph-ordered closure of calls on constants), computed now."""
-    env: dict[fx.Node, object] = {}
-    for node in nodes:
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = node.target(*args, **kwargs)
-    return env[nodes[-1]]  # type: ignore[return-value]
+def _build_key_mask(gm: fx.GraphModule, node: fx.Node, found: KeyMaskSplit) -> fx.Node | None:
+    """The additive `(B, H|1, 1, T)` mask `where(and of the key terms, 0, -inf)`, inserted
+    before `node` with its fake value, or None when the terms do not broadcast to 4-d."""
+    vals = [t.meta["val"] for t in found.keys]
+    shape = torch.broadcast_shapes(*(v.shape for v in vals))
+    if len(shape) != 4 or shape[-2] != 1:
+        return None
+    fake_mode = vals[0].fake_mode
+    graph = gm.graph
+    with graph.inserting_before(node):
+        keys, val = found.keys[0], vals[0]
+        for term, term_val in zip(found.keys[1:], vals[1:]):
+            keys = graph.call_function(aten.bitwise_and.Tensor, (keys, term))
+            with fake_mode:
+                val = keys.meta["val"] = aten.bitwise_and.Tensor(val, term_val)
+        additive = graph.call_function(aten.where.self, (keys, found.zero, found.hidden))
+        zero, hidden = (a.meta["val"] if isinstance(a, fx.Node) else a
+                        for a in (found.zero, found.hidden))
+        with fake_mode:
+            additive.meta["val"] = aten.where.self(val, zero, hidden)
+    return additive

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,8 @@ from memcompile.analysis.attention import ATTENTION_OPS, is_causal
 from memcompile.analysis.attention import mask as attention_mask
 from memcompile.analysis.sequence import SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
-from memcompile.meta import Decision, record_decision, record_note
+from memcompile.meta import STREAM_PLAN, Decision, record_decision, record_note
+from memcompile.passes.registry import register_pass
 from memcompile.planning.stream_memory import checkpoints_for, estimate
 from memcompile.planning.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
                                                reversal)
@@ -403,6 +405,19 @@ def _batch_problem(boundary: list[fx.Node], info: SequenceInfo, activations: set
                                                          node.all_input_nodes):
             return f"{node.name}: {info.unknown_reason.get(node)}"
     return None
+
+
+@register_pass(STREAM_PASS, default=True, rank=100, graph="stream")
+def stream_plan_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
+                     options: Options | None = None) -> fx.GraphModule:
+    """Decide StreamBP's regions and keep the plan in `gm.meta[STREAM_PLAN]`; the graph itself
+    is not rewritten (the stream runtime runs the plan). No plan, with a note, when nothing can
+    be chunked."""
+    gm.meta.pop(STREAM_PLAN, None)
+    plan = plan_stream(gm, list(example_inputs), options or Options())
+    if plan is not None:
+        gm.meta[STREAM_PLAN] = plan
+    return gm
 
 
 def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options) -> StreamPlan | None:

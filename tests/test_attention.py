@@ -138,7 +138,7 @@ def _mask_graph(window: int | None):
 
 
 def test_a_padding_mask_splits_into_the_causal_rule_and_keys():
-    from memcompile.passes.key_mask import KeyMaskSplit, split_key_mask
+    from memcompile.analysis.masks import KeyMaskSplit, split_key_mask
 
     found = split_key_mask(_mask_graph(None))
     assert isinstance(found, KeyMaskSplit)
@@ -146,7 +146,7 @@ def test_a_padding_mask_splits_into_the_causal_rule_and_keys():
 
 
 def test_a_window_mask_is_not_split_and_says_why():
-    from memcompile.passes.key_mask import split_key_mask
+    from memcompile.analysis.masks import split_key_mask
 
     reason = split_key_mask(_mask_graph(3))
     assert isinstance(reason, str) and "varies along the queries" in reason

@@ -350,7 +350,7 @@ def test_a_padding_mask_becomes_the_causal_kernel_and_a_mask_over_keys(padding, 
     assert err <= float32_tolerance(eager_err), (
         f"worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
     (record,) = records
-    split = [t for name, t in record.notes if name == "causal_mask"]
+    split = [t for name, t in record.notes if name == "key_mask"]
     assert len(split) == model.config.num_hidden_layers
     assert all("is the causal rule and a mask over keys" in t and "(2, 1, 1, 20)" in t
                for t in split)
@@ -424,7 +424,7 @@ def test_the_logits_never_exist_whole():
 
 
 def test_is_causal_mask_reads_boolean_and_additive_masks():
-    from memcompile.passes.causal_mask import is_causal_mask
+    from memcompile.analysis.masks import is_causal_mask
 
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     assert is_causal_mask(causal.expand(2, 1, 5, 5))
