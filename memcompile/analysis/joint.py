@@ -109,6 +109,9 @@ class JointGraph:
     """Forward nodes that may not be recomputed, with the reason."""
     model_recompute: set[fx.Node] = field(default_factory=set)
     """Forward nodes the model asked to recompute (a checkpoint region's policy)."""
+    forward_effects: list[fx.Node] = field(default_factory=list)
+    """Forward ops that write into a tensor in place and feed no output (a buffer's `copy_`):
+    the forward runs them although no output needs them."""
 
     @classmethod
     def read(cls, gm: fx.GraphModule, num_fwd_outputs: int) -> JointGraph:
@@ -126,12 +129,17 @@ class JointGraph:
         for node in nodes:
             if node.op != "output" and any(i in tangent_dependent for i in node.all_input_nodes):
                 tangent_dependent.add(node)
-        forward = _ancestors((o for o in fwd_outputs if isinstance(o, fx.Node)), stop=set())
+        # In-place writes into the graph's inputs (a buffer updated in place: AOTAutograd's
+        # `copy_` epilogue) feed no output, but the split runs them: they are roots too.
+        effects = [n for n in nodes if _mutates(n)]
+        forward = _ancestors([*(o for o in fwd_outputs if isinstance(o, fx.Node)),
+                              *(n for n in effects if n not in tangent_dependent)], stop=set())
         forward -= set(tangents)
         # A tuple's items belong with it: the backward may only read the items (saving a tuple
         # is not possible), so every getitem on a forward tuple is computed in the forward.
         forward |= {u for n in list(forward) for u in n.users if u.target is getitem}
-        bw_all = _ancestors((o for o in bwd_outputs if isinstance(o, fx.Node)), stop=forward)
+        bw_all = _ancestors([*(o for o in bwd_outputs if isinstance(o, fx.Node)),
+                             *(n for n in effects if n in tangent_dependent)], stop=forward)
         backward = sorted((n for n in bw_all if n not in forward and n.op != "placeholder"),
                           key=order.__getitem__)
         needed = sorted({i for n in backward for i in n.all_input_nodes if i in forward}
@@ -149,7 +157,8 @@ class JointGraph:
                            if n.meta.get("recompute") in _RECOMPUTE_POLICIES}
         return cls(gm, num_fwd_outputs, order, forward, backward, tangent_dependent, needed,
                    primals, tangents, fwd_outputs, bwd_outputs, storages, external, group_of,
-                   group_members, banned, model_recompute)
+                   group_members, banned, model_recompute,
+                   [n for n in effects if n in forward])
 
     @functools.cached_property
     def inputs(self) -> dict[fx.Node, list[fx.Node]]:
@@ -186,6 +195,13 @@ class JointGraph:
             if n in self.banned:
                 return f"{n.name}: {self.banned[n]}"
         return None
+
+
+def _mutates(node: fx.Node) -> bool:
+    """An op that writes into one of its inputs and that nothing reads (its only purpose)."""
+    target = node.target
+    return (node.op == "call_function" and not node.users
+            and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable)
 
 
 def _ancestors(roots: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:

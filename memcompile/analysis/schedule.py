@@ -67,7 +67,7 @@ def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
             stack.extend(i for i in joint.inputs[value] if i in joint.forward)
     by_order = joint.order.__getitem__
     fwd_roots = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
-    fwd_roots += [v for v in saved if v.op != "placeholder"]
+    fwd_roots += [v for v in saved if v.op != "placeholder"] + joint.forward_effects
     forward_nodes = _closure(fwd_roots, joint.forward, joint.inputs)
     forward_order = _raise_getitems(
         sorted((n for n in forward_nodes if n.op != "placeholder"), key=by_order), forward_nodes)

@@ -66,8 +66,13 @@ def _reorder(gm: fx.GraphModule, names: list[str]) -> None:
     if {n.name for n in ops} != set(names):
         extra = sorted({n.name for n in ops} - set(names))[:5]
         missing = sorted(set(names) - {n.name for n in ops})[:5]
+        # The plan's schedule covers every op the split keeps (outputs' ancestors, what the
+        # backward reads, in-place writes into inputs: `JointGraph.forward_effects`): a
+        # difference is memcompile's bug, and the measured peak may then exceed the plan's.
         log.warning("the split's graph differs from the plan's schedule (extra %s, missing %s): "
-                    "kept torch's order; the simulated peak may differ", extra, missing)
+                    "kept torch's order, so the peak may differ from the plan's; please report "
+                    "this to memcompile with the graph (options={'dump_dir': ...})",
+                    extra, missing)
         return
     anchor = gm.graph.find_nodes(op="placeholder")
     cursor = anchor[-1] if anchor else None
