@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.memory import storage_key, tensor_bytes
-from memcompile.meta import Decision, record_decision, record_note
+from memcompile.meta import Decision, record_decision, record_unmet
 import memcompile.optim.fused  # noqa: F401  (defines memcompile::lowrank_update)
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
     output = bw.graph.output_node()
     grads = list(output.args[0])
     if len(grads) != num_primals:
-        record_note(bw, PASS_NAME, f"the backward returns {len(grads)} gradients for "
-                    f"{num_primals} inputs: cannot tell which is whose; unchanged")
+        record_unmet(bw, PASS_NAME, f"the backward returns {len(grads)} gradients for "
+                     f"{num_primals} inputs: cannot tell which is whose, so every weight keeps "
+                     "its .grad and steps in optimizer.step()")
         return bw
     placeholders = bw.graph.find_nodes(op="placeholder")
     returned_count = Counter(g for g in grads if isinstance(g, fx.Node))
@@ -53,8 +54,10 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
     for index, slot in sorted(slots.items()):
         grad = grads[index]
         if not isinstance(grad, fx.Node) or returned_count[grad] > 1:
-            why = "no gradient" if not isinstance(grad, fx.Node) else "a gradient shared"
-            record_note(bw, PASS_NAME, f"input {index}: {why}; its optimizer steps it as usual")
+            if isinstance(grad, fx.Node):  # no gradient: the graph does not use the weight
+                record_unmet(bw, PASS_NAME, f"input {index}: its gradient is returned for "
+                             "another input too; it keeps its .grad and steps in "
+                             "optimizer.step()")
             continue
         aliases = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)
                    and storage_key(p.meta["val"]) == weight_storages[index]]
