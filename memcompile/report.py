@@ -3,6 +3,11 @@
 The backend fills one `GraphRecord` per compiled subgraph (Dynamo makes several at graph breaks).
 `explain` collects them through `recording()`, adds measured peaks, and returns a `Report`: it
 prints as text and plots a memory timeline.
+
+A graph's simulated step uses the buffer model its plan was priced on, so the report's peak, its
+plot and the plan's "planned peak" are one number: Inductor's buffers (`analysis.fusion`) when
+`plan_remat` planned for the Inductor runtime, else the eager runtime's buffers (every op's
+output: the tracked peak, `analysis.memory`). The text and the plot name the model.
 """
 
 from __future__ import annotations
@@ -16,11 +21,21 @@ from typing import Any
 
 import torch.fx as fx
 
-from memcompile.analysis.memory import MemorySimulation, MissingMetadataError, simulate_step
+from memcompile.analysis.joint import JointGraph
+from memcompile.analysis.memory import (MemoryEvent, MemorySimulation, MissingMetadataError,
+                                        simulate_step)
+from memcompile.analysis.schedule import simulate_layout
 from memcompile.meta import DECISION_KINDS, DECISIONS, FEATURES, NOTES, REMAT_PLAN, Decision
+from memcompile.planning.remat_split import tagged_layout
 
 _graph_ids = itertools.count()
 _active_recorders: list[list[GraphRecord]] = []
+
+SIMULATION_MODELS = {
+    "eager": "the eager runtime's buffers (every op's output, as the tracked peak counts them)",
+    "inductor": "Inductor's buffers (what its fused kernels store, analysis.fusion)",
+}
+"""The buffer models a graph's step is simulated on, by the name `RematSummary.priced_on` uses."""
 
 
 @dataclass
@@ -45,6 +60,8 @@ class GraphRecord:
     origin: str = ""
     """Where Dynamo captured the graph: function, file and line, compile id."""
     num_user_outputs: int = 0
+    joint: fx.GraphModule | None = None
+    """The joint graph after the passes, as it was split (the plan's tags on it)."""
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
     plan: Any = None
@@ -56,7 +73,7 @@ class GraphRecord:
     def set_split(self, joint: fx.GraphModule, fw: fx.GraphModule, bw: fx.GraphModule) -> None:
         """Record the joint graph after the passes and the forward/backward it was split into."""
         self.joint_after = joint.code
-        self.forward, self.backward = fw, bw
+        self.joint, self.forward, self.backward = joint, fw, bw
         self.forward_code, self.backward_code = fw.code, bw.code
         self.notes = [*self.notes, *joint.meta.get(NOTES, []), *bw.meta.get(NOTES, [])]
         self.plan = joint.meta.get(REMAT_PLAN)
@@ -82,20 +99,54 @@ class GraphRecord:
         """The decisions of one kind ("saved", "recomputed", ...)."""
         return [d for d in self.decisions if d.kind == kind]
 
-    def simulate(self, sizes: Any = None) -> MemorySimulation | None:
+    @property
+    def simulated_on(self) -> str:
+        """The buffer model this graph's step is simulated on (a key of `SIMULATION_MODELS`):
+        the one `plan_remat` priced its plan on, or "eager" when there is no plan on
+        Inductor's."""
+        priced_on = getattr(self.plan, "priced_on", "eager")
+        return "inductor" if priced_on == "inductor" and self.joint is not None else "eager"
+
+    def simulate(self, sizes: Any = None, *, on: str | None = None) -> MemorySimulation | None:
         """The simulated step of this graph (None for an inference graph).
 
-        `sizes` binds the graphs' size symbols to other values; by default, the example sizes.
+        `on`: the buffer model, a key of `SIMULATION_MODELS`; by default `self.simulated_on`,
+        the plan's. "inductor" simulates the plan's layout as the planner did, so its peak is
+        the plan's planned peak.
+        `sizes` binds the graphs' size symbols to other values (the eager model only); by
+        default, the example sizes.
         """
+        model = on or self.simulated_on
+        if model not in SIMULATION_MODELS:
+            raise ValueError(f"unknown buffer model {model!r}; valid: "
+                             f"{', '.join(SIMULATION_MODELS)}")
         if self.forward is None or self.backward is None:
             return None
-        if sizes is None and self._simulation is not None:
+        if model == "inductor" and sizes is not None:
+            raise ValueError("the Inductor buffer model simulates the example sizes only; "
+                             "pass on='eager' to bind sizes")
+        cached = sizes is None and model == self.simulated_on
+        if cached and self._simulation is not None:
             return self._simulation
-        sim = simulate_step(self.forward, self.backward,
-                            num_user_outputs=self.num_user_outputs, sizes=sizes)
-        if sizes is None:
+        if model == "inductor":
+            sim = self._simulate_as_planned()
+        else:
+            sim = simulate_step(self.forward, self.backward,
+                                num_user_outputs=self.num_user_outputs, sizes=sizes)
+        if cached:
             self._simulation = sim
         return sim
+
+    def _simulate_as_planned(self) -> MemorySimulation:
+        """The step of the tagged plan on Inductor's buffers, as `plan_remat` simulated it
+        (Inductor's kernel order, the caller dropping non-scalar outputs before the backward)."""
+        if self.joint is None:
+            raise ValueError(f"{self.name}: no joint graph recorded to simulate the plan on")
+        joint = JointGraph.read(self.joint, self.num_user_outputs)
+        timeline: list[tuple[str, str, int]] = []
+        planned = simulate_layout(joint, tagged_layout(joint), fusion=True, drop_outputs=True,
+                                  timeline=timeline)
+        return MemorySimulation([MemoryEvent(*e) for e in timeline], planned.saved_bytes)
 
 
 def new_record(origin: str = "") -> GraphRecord:
@@ -128,6 +179,8 @@ def recording() -> Iterator[list[GraphRecord]]:
 TEXT_DECISIONS = 12
 """How many decisions per graph the text shows, largest first."""
 
+_SHORT_MODELS = {"eager": "the eager runtime's buffers", "inductor": "Inductor's buffers"}
+
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
@@ -138,6 +191,7 @@ class Report:
     """What `memcompile.explain` found: the graphs, their decisions, simulated and measured peaks.
 
     `str(report)` is the text a user reads; `report.plot(path)` writes the memory timeline.
+    Each graph is simulated on the buffer model its plan was priced on (`GraphRecord.simulated_on`).
     """
 
     records: list[GraphRecord]
@@ -163,41 +217,70 @@ class Report:
 
     @property
     def simulated_peak_bytes(self) -> int | None:
-        """The largest simulated step peak over the training graphs (None if none simulates)."""
+        """The largest simulated step peak over the training graphs (None if none simulates),
+        each on its own buffer model (`simulated_on`)."""
         sims = [s for s in (_simulation_or_none(r) for r in self.records) if s is not None]
         return max((s.peak_bytes for s in sims), default=None)
 
+    @property
+    def simulated_on(self) -> list[str]:
+        """The buffer models the simulated graphs use (keys of `SIMULATION_MODELS`), each once."""
+        return sorted({r.simulated_on for r in self.records if _simulation_or_none(r) is not None})
+
+    @property
+    def planned_peak_bytes(self) -> int | None:
+        """The largest peak `plan_remat` planned over the graphs (None if it planned none)."""
+        return max((r.plan.chosen_peak for r in self.records if r.plan is not None),
+                   default=None)
+
     def __str__(self) -> str:
-        lines = [f"memcompile report: {len(self.records)} graph(s), runtime={self.options.runtime}"]
+        runtime = self.options.runtime
+        lines = [f"memcompile report: {len(self.records)} graph(s), runtime={runtime}"]
         for r in self.records:
-            lines += _graph_lines(r)
-        peak = self.simulated_peak_bytes
-        measured = ", ".join(f"{k} {v:,} B" for k, v in self.measured.items()) or "not measured"
-        lines.append(f"peak above the step's start: simulated "
-                     f"{'n/a' if peak is None else f'{peak:,} B'}; measured {measured}")
-        if len(self.records) > 1:
-            lines.append("(graphs are simulated one at a time; eager code between them is not)")
+            lines += _graph_lines(r, runtime)
+        lines += self._summary_lines()
         return "\n".join(lines)
 
-    def plot(self, path: str) -> str:
-        """Write a PNG of the simulated live bytes over each training graph's step; return path."""
+    def _summary_lines(self) -> list[str]:
+        peak, planned = self.simulated_peak_bytes, self.planned_peak_bytes
+        simulated = "n/a" if peak is None else f"{peak:,} B on " + " and ".join(
+            _SHORT_MODELS[m] for m in self.simulated_on)
+        measured = ("measured " + ", ".join(f"{k} {v:,} B" for k, v in self.measured.items())
+                    if self.measured else "not measured")
+        lines = [f"peak above the step's start: simulated {simulated}"
+                 + ("" if planned is None else f"; planned {planned:,} B") + f"; {measured}"]
+        if len(self.records) > 1:
+            lines.append("(graphs are simulated one at a time; eager code between them is not)")
+        return lines
+
+    def figure(self) -> Any:
+        """A matplotlib Figure of the simulated live bytes over each training graph's step, one
+        axes per graph, on the model each graph was planned on (named in its title)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        sims = [(r.name, s) for r in self.records if (s := _simulation_or_none(r)) is not None]
+        sims = [(r, s) for r in self.records if (s := _simulation_or_none(r)) is not None]
         fig, axes = plt.subplots(len(sims) or 1, 1, figsize=(10, 3.2 * max(len(sims), 1)),
                                  squeeze=False)
-        for ax, (name, sim) in zip(axes[:, 0], sims):
-            _plot_timeline(ax, name, sim, self.measured)
+        for ax, (record, sim) in zip(axes[:, 0], sims):
+            _plot_timeline(ax, record, sim, self.measured)
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str) -> str:
+        """Write `figure()` as a PNG; return path."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
 
 
-def _graph_lines(r: GraphRecord) -> list[str]:
+def _graph_lines(r: GraphRecord, runtime: str) -> list[str]:
+    """The text of one graph: what ran on it, its notes, its decisions, its simulated step."""
     lines = [f"\n{r.name} ({r.kind})"]
     if r.forward is not None and r.backward is not None:
         lines.append(f"  forward {len(r.forward.graph.nodes)} nodes, "
@@ -205,10 +288,20 @@ def _graph_lines(r: GraphRecord) -> list[str]:
     for p in r.passes:
         diff = ", ".join(f"{op} {n:+d}" for op, n in p.op_diff.items()) or "no change"
         lines.append(f"  pass {p.name}: {p.seconds * 1e3:.1f} ms, {diff}")
-    for pass_name, reason in r.unmet:
-        lines.append(f"  WARNING {FEATURES.get(pass_name, pass_name)} not applied: {reason}")
-    for pass_name, text in r.notes:
-        lines.append(f"  note ({pass_name}): {text}")
+    return lines + _note_lines(r) + _decision_lines(r) + _simulation_lines(r, runtime)
+
+
+def _note_lines(r: GraphRecord) -> list[str]:
+    """What was asked for and did not apply (each also a `MemcompileWarning`), then the passes'
+    notes (why one left the graph unchanged, what the plan is)."""
+    lines = [f"  WARNING {FEATURES.get(pass_name, pass_name)} not applied: {reason}"
+             for pass_name, reason in r.unmet]
+    return lines + [f"  note ({pass_name}): {text}" for pass_name, text in r.notes]
+
+
+def _decision_lines(r: GraphRecord) -> list[str]:
+    """Totals per kind of decision, then the largest decisions."""
+    lines = []
     for kind in DECISION_KINDS:
         ds = r.decisions_of(kind)
         if ds:
@@ -222,16 +315,27 @@ def _graph_lines(r: GraphRecord) -> list[str]:
         if len(r.decisions) > len(largest):
             lines.append(f"  ... {len(r.decisions) - len(largest)} smaller decisions "
                          "(report.decisions lists all)")
+    return lines
+
+
+def _simulation_lines(r: GraphRecord, runtime: str) -> list[str]:
+    """The model the step is simulated on, and its simulated peak."""
     try:
         sim = r.simulate()
     except MissingMetadataError as e:
-        lines.append(f"  simulated peak unavailable: {e}")
-        return lines
-    if sim is not None and sim.peak_event is not None:
-        e = sim.peak_event
-        lines.append(f"  simulated peak {sim.peak_bytes:,} B ({_mib(sim.peak_bytes)}) at "
-                     f"{e.phase} {e.node}; {sim.saved_bytes:,} B live between forward and backward")
-    return lines
+        return [f"  simulated peak unavailable: {e}"]
+    if sim is None or sim.peak_event is None:
+        return []
+    model = f"  simulated on {SIMULATION_MODELS[r.simulated_on]}"
+    if r.simulated_on == "inductor":
+        model += ", the model plan_remat priced its plan on"
+    elif runtime == "inductor":
+        # Without a plan priced on Inductor's buffers there is no layout to run its model on.
+        model += ("; plan_remat made no plan for this graph, so Inductor's fused kernels are "
+                  "not modelled and the allocator's peak may be lower")
+    e = sim.peak_event
+    return [model, f"  simulated peak {sim.peak_bytes:,} B ({_mib(sim.peak_bytes)}) at "
+                   f"{e.phase} {e.node}; {sim.saved_bytes:,} B live between forward and backward"]
 
 
 def _simulation_or_none(r: GraphRecord) -> MemorySimulation | None:
@@ -241,10 +345,12 @@ def _simulation_or_none(r: GraphRecord) -> MemorySimulation | None:
         return None
 
 
-def _plot_timeline(ax: Any, name: str, sim: MemorySimulation, measured: dict[str, int]) -> None:
+def _plot_timeline(ax: Any, r: GraphRecord, sim: MemorySimulation,
+                   measured: dict[str, int]) -> None:
     xs = list(range(len(sim.events)))
     ys = [e.live_bytes / 2**20 for e in sim.events]
-    ax.plot(xs, ys, color="tab:blue", lw=1.2, label="simulated live bytes")
+    ax.plot(xs, ys, color="tab:blue", lw=1.2,
+            label=f"simulated live bytes, {_SHORT_MODELS[r.simulated_on]}")
     first_bw = next((i for i, e in enumerate(sim.events) if e.phase != "forward"), len(xs))
     ax.axvspan(0, first_bw, color="tab:green", alpha=0.08, label="forward")
     ax.axvspan(first_bw, len(xs), color="tab:orange", alpha=0.08, label="backward")
@@ -257,7 +363,9 @@ def _plot_timeline(ax: Any, name: str, sim: MemorySimulation, measured: dict[str
         ax.axhline(v / 2**20, ls="--", lw=0.8, color="gray")
         ax.text(len(xs) / 2, v / 2**20, f"measured ({k})", fontsize=7, va="bottom",
                 color="gray")
-    ax.set_title(f"{name}: live bytes above the step's start")
-    ax.set_xlabel("op in the forward-then-backward schedule")
+    ax.set_title(f"{r.name}: live bytes above the step's start, simulated on "
+                 f"{_SHORT_MODELS[r.simulated_on]}")
+    order = "Inductor's kernel order" if r.simulated_on == "inductor" else "graph order"
+    ax.set_xlabel(f"op in the forward-then-backward schedule ({order})")
     ax.set_ylabel("MiB")
     ax.legend(loc="lower right", fontsize=7)

@@ -45,6 +45,9 @@ def test_report_text_and_graphs():
     text = str(report)
     assert text.startswith("memcompile report: 1 graph(s), runtime=eager")
     assert "pass remove_noops:" in text and "simulated peak" in text
+    assert ("  simulated on the eager runtime's buffers (every op's output, as the tracked peak "
+            "counts them)\n") in text
+    assert report.simulated_peak_bytes == report.planned_peak_bytes == report.measured["tracked"]
     assert f"measured allocator {report.measured['allocator']:,} B" in text
     stages = report.graphs["graph_" + report.records[0].name.split("_")[1]]
     assert list(stages) == ["joint", "after remove_noops", "after plan_remat", "forward",
@@ -56,7 +59,18 @@ def test_plot_writes_a_png(tmp_path):
     report = memcompile.explain(lambda x, w: (x @ w).relu().sum(), torch.randn(64, 64),
                                 torch.randn(64, 64, requires_grad=True),
                                 options={"runtime": "eager"})
-    path = report.plot(str(tmp_path / "memory.png"))
+    _assert_png(report.plot(str(tmp_path / "memory.png")))
+
+
+def _axes(report):
+    import matplotlib.pyplot as plt
+
+    fig = report.figure()
+    plt.close(fig)
+    return fig.axes
+
+
+def _assert_png(path):
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -65,6 +79,74 @@ def test_inductor_runtime_reports_the_allocator_peak_only():
     model = build_model("tiny")
     report = memcompile.explain(model, example_kwargs=make_batch("tiny", seq_len=16))
     assert set(report.measured) == {"allocator"} and report.measured["allocator"] > 0
+    # The report simulates the plan on the model the planner priced it on.
+    (graph,) = report.records
+    assert graph.simulated_on == graph.plan.priced_on == "inductor"
+    assert report.simulated_peak_bytes == report.planned_peak_bytes == graph.plan.chosen_peak
+
+
+class MLP(torch.nn.Module):
+    """x 512x512 -> linear -> gelu -> linear -> tanh -> sum: every activation 1 MiB."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(512, 512, bias=False)
+        self.b = torch.nn.Linear(512, 512, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x))).tanh().sum()
+
+
+def test_inductor_report_simulates_the_plan_on_inductors_buffers(tmp_path):
+    """
+    h = mm(x, a)        1 MiB       Inductor: gelu's pointwise chain (mul, erf, add, mul) is
+    g = gelu(h)         4 x 1 MiB   one kernel writing one 1 MiB buffer; in the eager
+    y = mm(g, b)        1 MiB       runtime every op of it holds its own 1 MiB.
+    loss = tanh(y).sum()
+    The plan (auto) saves 2 MiB and peaks at 3 MiB on Inductor's buffers; the report's
+    simulation, text and plot say the same 3 MiB (the eager model said 6), and so does the
+    allocator, but for a scalar.
+    """
+    torch.manual_seed(0)
+    report = memcompile.explain(MLP(), torch.randn(512, 512), options={"runtime": "inductor"})
+    (graph,) = report.records
+    assert graph.plan.priced_on == graph.simulated_on == "inductor"
+    assert report.simulated_on == ["inductor"]
+    assert report.simulated_peak_bytes == graph.plan.chosen_peak == 3 * MiB + 4
+    assert graph.simulate().saved_bytes == 2 * MiB + 4
+    assert graph.simulate(on="eager").peak_bytes == 6 * MiB + 8  # what the report said before
+    # The allocator also sees a scalar or two that autograd allocates below the dispatcher.
+    assert 0 <= report.measured["allocator"] - report.simulated_peak_bytes <= 64
+    text = str(report)
+    assert ("  simulated on Inductor's buffers (what its fused kernels store, analysis.fusion), "
+            "the model plan_remat priced its plan on") in text
+    assert (f"simulated {3 * MiB + 4:,} B on Inductor's buffers; planned {3 * MiB + 4:,} B; "
+            f"measured allocator {report.measured['allocator']:,} B") in text
+    assert "planned peak 3.00 MiB on inductor's buffers" in text  # plan_remat's note
+    with pytest.raises(ValueError, match="example sizes only"):
+        graph.simulate(sizes={})
+    (ax,) = _axes(report)
+    assert ax.get_title().endswith("simulated on Inductor's buffers")
+    assert "Inductor's kernel order" in ax.get_xlabel()
+    assert max(ax.lines[0].get_ydata()) == (3 * MiB + 4) / MiB
+    _assert_png(report.plot(str(tmp_path / "memory.png")))
+
+
+def test_without_a_plan_the_report_names_the_eager_model():
+    """plan_remat disabled under Inductor: no plan, so no layout to run Inductor's model on."""
+    torch.manual_seed(0)
+    report = memcompile.explain(MLP(), torch.randn(512, 512), measure=False,
+                                options={"runtime": "inductor", "disable_passes": ["plan_remat"]})
+    (graph,) = report.records
+    assert graph.plan is None and graph.simulated_on == "eager"
+    assert report.planned_peak_bytes is None
+    assert report.simulated_peak_bytes == graph.simulate(on="eager").peak_bytes
+    text = str(report)
+    assert ("  simulated on the eager runtime's buffers (every op's output, as the tracked peak "
+            "counts them); plan_remat made no plan for this graph") in text
+    assert "on the eager runtime's buffers; not measured" in text
+    (ax,) = _axes(report)
+    assert ax.get_title().endswith("simulated on the eager runtime's buffers")
 
 
 def test_a_function_that_does_not_return_a_loss_is_refused():

@@ -244,8 +244,8 @@ class _Live:
 
 
 def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
-                    drop_outputs: bool = False, facts: ScheduleFacts | None = None
-                    ) -> PlanSimulation:
+                    drop_outputs: bool = False, facts: ScheduleFacts | None = None,
+                    timeline: list[tuple[str, str, int]] | None = None) -> PlanSimulation:
     """Simulate one step of `plan`: bytes above what was live at its start, at every op.
 
     `fusion=True` models Inductor's code instead of the eager runtime's: values Inductor inlines
@@ -256,6 +256,8 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     and drops the others (logits) before the backward, as `model(**batch).loss.backward()`
     does; by default every output stays live, as in `memcompile.analysis.memory`.
     `facts`: `ScheduleFacts.of(joint)`, for a caller simulating many plans of one graph.
+    `timeline`: a list that gets (phase, node, live bytes) of every step, for a report's plot
+    (the planner passes none).
     """
     if facts is None:
         facts = ScheduleFacts.of(joint)
@@ -267,6 +269,8 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
 
     def event(phase: str, name: str) -> None:
         live.events += 1
+        if timeline is not None:
+            timeline.append((phase, name, live.live))
         if live.live > peak[0]:
             peak[:] = [live.live, phase, name, live.events]
 
