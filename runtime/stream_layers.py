@@ -15,6 +15,7 @@ from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
+from memcompile.runtime.stream_fused import RegionUpdates, update_complete
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_tail import fill_whole
 
@@ -29,12 +30,14 @@ class StreamLayers(torch.autograd.Function):
     `reversal`: it re-runs the forward of layers whose input was not kept (holding no more
     inputs at once than the reversal allows), and re-runs each layer, last first, chunk by chunk
     with autograd, summing the chunks' gradients. `side` holds every layer's side inputs, in
-    `group_side(runners)`'s order.
+    `group_side(runners)`'s order. `updates[i]`: the weights only layer `i` reads, updated by
+    their optimizer as soon as that layer's backward is done (`stream_fused`); the run returns
+    no gradient for them.
     """
 
     @staticmethod
-    def forward(ctx: Any, runners: list[ChunkRunner], reversal: Reversal, x: torch.Tensor,
-                *side: Any) -> torch.Tensor:
+    def forward(ctx: Any, runners: list[ChunkRunner], reversal: Reversal,
+                updates: list[RegionUpdates], x: torch.Tensor, *side: Any) -> torch.Tensor:
         values = dict(zip(group_side(runners), side))
         kept = set(reversal.kept_in_forward())
         # Kept inputs live on ctx, not in save_for_backward: the backward drops each as soon as
@@ -46,7 +49,7 @@ class StreamLayers(torch.autograd.Function):
                 ctx.states[i] = h
             h, chunk = layer_forward(runner, h, values)
             ctx.chunks.append(chunk)
-        ctx.runners, ctx.reversal = runners, reversal
+        ctx.runners, ctx.reversal, ctx.updates = runners, reversal, updates
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
         ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in side))
         return h
@@ -55,11 +58,11 @@ class StreamLayers(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         side = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others)]
         order = group_side(ctx.runners)
-        walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states)
+        walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states, ctx.updates)
         ctx.states = None
         reversal: Reversal = ctx.reversal
         grad = walk.reverse(reversal, walk.states.pop(reversal.start), grad_out)
-        return (None, None, grad, *(walk.totals.get(n) for n in order))
+        return (None, None, None, grad, *(walk.totals.get(n) for n in order))
 
 
 class _Walk:
@@ -67,9 +70,11 @@ class _Walk:
     sums."""
 
     def __init__(self, runners: list[ChunkRunner], chunk_sizes: list[int],
-                 values: dict[fx.Node, Any], states: dict[int, torch.Tensor]):
+                 values: dict[fx.Node, Any], states: dict[int, torch.Tensor],
+                 updates: list[RegionUpdates]):
         self.runners, self.chunk_sizes, self.values, self.states = (
             runners, chunk_sizes, values, states)
+        self.updates = updates
         self.totals: dict[fx.Node, torch.Tensor | None] = {}
 
     def reverse(self, part: Reversal, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -78,6 +83,8 @@ class _Walk:
             runner = self.runners[part.start]
             layer_side = [self.values[n] for n in runner.region.side_inputs]
             grads = _layer_backward(runner, x, layer_side, grad, self.chunk_sizes[part.start])
+            # Its own weights' gradients are complete: update them and drop the gradients.
+            update_complete(self.updates[part.start], runner.region.side_inputs, grads.side)
             for node, found in zip(runner.region.side_inputs, grads.side):
                 self.totals[node] = add_into(self.totals.get(node), found)
             return grads.result()

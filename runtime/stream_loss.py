@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.runtime.stream import ChunkRunner, narrow_seq, write_rows
+from memcompile.runtime.stream_fused import RegionUpdates, update_complete
 from memcompile.runtime.stream_grads import RegionGrads, chunks
 from memcompile.runtime.stream_tail import fill_whole, run_tail
 
@@ -78,16 +79,18 @@ class StreamHead(torch.autograd.Function):
     masked token mean), their gradients are constants: the forward computes the gradients in
     the same pass as the loss, and the backward only scales them by the loss's gradient.
     Otherwise (DPO's sigmoid of per-sequence sums) the forward computes the reductions, and
-    the backward takes their gradients from the tail and runs the chunks again.
+    the backward takes their gradients from the tail and runs the chunks again. `updates`: the
+    weights only the head reads, updated at the end of its backward (`stream_fused`).
     """
 
     @staticmethod
-    def forward(ctx: Any, runner: ChunkRunner, x: torch.Tensor, *side: Any) -> Any:
+    def forward(ctx: Any, runner: ChunkRunner, updates: RegionUpdates, x: torch.Tensor,
+                *side: Any) -> Any:
         region = runner.region
-        ctx.runner = runner
+        ctx.runner, ctx.updates = runner, updates
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
         one_pass = (region.affine_tail and len(region.outputs) == 1
-                    and any(ctx.needs_input_grad[1:]))
+                    and any(ctx.needs_input_grad[2:]))
         if one_pass:
             grads = RegionGrads(runner, x, list(side))
             with torch.enable_grad():
@@ -119,8 +122,10 @@ class StreamHead(torch.autograd.Function):
             grads, scale = ctx.ready, grad_outputs[0]
             ctx.ready = None
             grads.x.mul_(scale)
-            return (None, grads.result(), *(g.mul_(scale) if g is not None else None
-                                            for g in grads.side))
+            side = [g.mul_(scale) if g is not None else None for g in grads.side]
+            grads.side = []
+            update_complete(ctx.updates, ctx.runner.region.side_inputs, side)
+            return (None, None, grads.result(), *side)
         runner: ChunkRunner = ctx.runner
         x, *tensors = ctx.saved_tensors
         side = [t if t is not None else o for t, o in zip(tensors, ctx.others)]
@@ -130,7 +135,8 @@ class StreamHead(torch.autograd.Function):
             reduced = {k: _float_leaves(v) for k, v in ctx.reduced.items()}
             seeds = _reduction_seeds(runner, reduced, grads.whole, list(grad_outputs))
         _head_backward_pass(grads, seeds)
-        return (None, grads.result(), *grads.side)
+        update_complete(ctx.updates, runner.region.side_inputs, grads.side)
+        return (None, None, grads.result(), *grads.side)
 
 
 def _zeros_like_meta(node: fx.Node) -> Any:
@@ -201,11 +207,13 @@ def _detach(value: Any) -> Any:
 class StreamBatch(torch.autograd.Function):
     """A loss coupling the samples of a batch (contrastive), its per-sample part run a chunk of
     samples at a time: first without autograd for the values the loss reads (the embeddings),
-    then, in the backward, again with autograd to take their gradients back to the weights."""
+    then, in the backward, again with autograd to take their gradients back to the weights.
+    `updates`: the weights only this region reads, updated at the end of its backward."""
 
     @staticmethod
-    def forward(ctx: Any, runner: ChunkRunner, *inputs: Any) -> Any:
+    def forward(ctx: Any, runner: ChunkRunner, updates: RegionUpdates, *inputs: Any) -> Any:
         region = runner.region
+        ctx.updates = updates
         whole = dict(zip(region.side_inputs, inputs))
         with torch.no_grad():
             fill_whole(runner, whole)
@@ -254,7 +262,8 @@ class StreamBatch(torch.autograd.Function):
                      for n in roots], allow_unused=True)
             grads.add_side(part)
             grads.forget_param_values()
-        return (None, *grads.side)
+        update_complete(ctx.updates, region.side_inputs, grads.side)
+        return (None, None, *grads.side)
 
 
 def _empty_like_meta(node: fx.Node, inputs: tuple[Any, ...]) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """`StreamProgram`: a forward aten graph run with autograd, its stream regions as single
 autograd nodes (`StreamLayers`, `StreamHead`, `StreamBatch`), each value freed after its last
-use."""
+use; weights of a `lowrank(..., fused_backward=True)` optimizer are updated inside the backward
+(`stream_fused`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch.fx as fx
@@ -12,13 +14,19 @@ from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead
+from memcompile.runtime.stream_fused import StreamUpdates, on_grad, plan_updates
 from memcompile.runtime.stream_tail import resolve
 
 
 class StreamProgram:
-    """Runs a forward aten graph with autograd; stream regions run as one autograd node each."""
+    """Runs a forward aten graph with autograd; stream regions run as one autograd node each.
 
-    def __init__(self, gm: fx.GraphModule, plan: Any):
+    `fused_slots` (graph input index -> slot, `memcompile.optim.fused.slots_of` of the
+    compiled function's inputs): the weights whose optimizer updates them inside the backward.
+    """
+
+    def __init__(self, gm: fx.GraphModule, plan: Any,
+                 fused_slots: Mapping[int, int] | None = None):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.runners = [ChunkRunner(r, plan) for r in plan.regions]
@@ -36,6 +44,7 @@ class StreamProgram:
         self.trigger = {group[-1].region.nodes[-1]: (group, walk) for group, walk in groups}
         self.trigger_of = {r: node for node, (group, _) in self.trigger.items() for r in group}
         self.dies_after = self._lifetimes()
+        self.updates: StreamUpdates = plan_updates(gm, fused_slots or {}, self.owner)
 
     def _lifetimes(self) -> dict[int, list[fx.Node]]:
         index = {n: i for i, n in enumerate(self.nodes)}
@@ -61,10 +70,12 @@ class StreamProgram:
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
                 env[node] = next(inputs)
+                if node in self.updates.on_grad:
+                    env[node] = on_grad(env[node], self.updates.on_grad[node])
             elif node.op == "output":
                 return resolve(node.args[0], env)
             elif node in self.trigger:
-                self._run_region(*self.trigger[node], env)
+                self._run_region(*self.trigger[node], env, self.updates)
             elif node not in self.owner:
                 env[node] = node.target(*resolve(node.args, env), **resolve(node.kwargs, env))
             for dead in self.dies_after.get(i, ()):
@@ -73,19 +84,21 @@ class StreamProgram:
 
     @staticmethod
     def _run_region(group: list[ChunkRunner], walk: Reversal | None,
-                    env: dict[fx.Node, Any]) -> None:
+                    env: dict[fx.Node, Any], updates: StreamUpdates) -> None:
         region = group[0].region
         if region.kind == "layer":
             side = [env[n] for n in group_side(group)]
-            env[group[-1].region.outputs[0]] = StreamLayers.apply(group, walk, env[region.input],
-                                                                  *side)
+            layer_updates = [updates.of(r.region) for r in group]
+            env[group[-1].region.outputs[0]] = StreamLayers.apply(
+                group, walk, layer_updates, env[region.input], *side)
         elif region.kind == "batch":
-            outs = StreamBatch.apply(group[0], *(env[n] for n in region.side_inputs))
+            outs = StreamBatch.apply(group[0], updates.of(region),
+                                     *(env[n] for n in region.side_inputs))
             for node, value in zip(region.outputs, outs):
                 env[node] = value
         else:
             runner = group[0]
             side = [env[n] for n in region.side_inputs]
-            outs = StreamHead.apply(runner, env[region.input], *side)
+            outs = StreamHead.apply(runner, updates.of(region), env[region.input], *side)
             for node, value in zip(region.outputs, outs):
                 env[node] = value

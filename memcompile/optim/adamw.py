@@ -23,7 +23,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.adam import adam as torch_adam
 
-from memcompile.optim import functional, projector
+from memcompile.optim import amp, functional, fused, projector
 from memcompile.optim.projector import ProjectorSpec
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,22 @@ class GaLoreAdamW(Optimizer):
         `torch.nn.utils.clip_grad_norm_` would; None: no clipping."""
         self.micro_batches = 1
         """Backward passes per step (gradient accumulation); checked with fused updates."""
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        """The GradScaler that scales the loss, for fused updates (`lowrank(grad_scaler=)`):
+        they unscale and check each gradient inside the backward and wait for
+        `scaler.step(optimizer)`, which skips the whole step after any overflow."""
         self._pending: dict[torch.Tensor, dict[str, Any]] = {}  # fused gradients not stepped yet
+        self._fused_found: dict[torch.device, torch.Tensor] = {}  # inf checks of fused grads
         self._group_of: dict[int, dict[str, Any]] = {}
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler's hook for optimizers that handle scaling themselves: with it, a
+        GradScaler's `step` calls `step()` with `grad_scale` and `found_inf` set instead of
+        unscaling `.grad` and maybe skipping `step()`. Fused updates need every such step: to
+        count an overflow seen inside the backward, to drop what a skipped step left pending,
+        and to refuse a step whose weights were updated with scaled gradients."""
+        return self.fused_backward
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, filling in and checking its projection keys when it has ``rank``."""
@@ -123,6 +137,8 @@ class GaLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._scaler_allows_step():
+            return loss
         coef = self._clip_coefficient() if self.max_grad_norm is not None else None
         for group in self.param_groups:
             if "rank" in group:
@@ -140,6 +156,48 @@ class GaLoreAdamW(Optimizer):
                 self._step_plain(group)
         self._pending.clear()
         return loss
+
+    def _scaler_allows_step(self) -> bool:
+        """Whether this step goes ahead, under a GradScaler (see `lowrank`'s `grad_scaler`).
+
+        `GradScaler.step` sets `grad_scale` and `found_inf` before calling `step()` (see
+        `_step_supports_amp_scaling`). Then a step with an inf/NaN in `.grad` or in a fused
+        gradient is skipped whole (nothing pending is kept, no state changes) and the scaler is
+        told, so `scaler.update()` backs off; otherwise `.grad` is unscaled here, as
+        `scaler.unscale_` would. Fused updates that took gradients without knowing the scaler
+        (no `grad_scaler` given) are refused, as is a plain `step()` with an active scaler.
+        """
+        if not self.fused_backward:  # a GradScaler unscales .grad itself (no amp hook)
+            return True
+        found, self._fused_found = self._fused_found, {}
+        scaler = self.grad_scaler if amp.active(self.grad_scaler) else None
+        if not hasattr(self, "grad_scale"):  # not called by a GradScaler
+            if scaler is not None and self._pending:
+                self._pending.clear()
+                raise RuntimeError(
+                    "memcompile: this optimizer was given grad_scaler=, so its fused updates "
+                    "took scaled gradients and wait for scaler.step(optimizer), which "
+                    "unscales the rest and skips the step after an overflow; "
+                    "optimizer.step() was called instead (nothing was stepped)")
+            return True
+        if scaler is None and self._pending:
+            names = ", ".join(fused.name_of_param(p) for p in list(self._pending)[:3])
+            self._pending.clear()
+            raise RuntimeError(
+                "memcompile: a GradScaler steps this optimizer, but its fused updates "
+                f"({names}, ...) took the scaled gradients inside the backward without knowing "
+                "the scale (and without skipping an overflow). Pass grad_scaler=scaler to "
+                "memcompile.optim.lowrank(..., fused_backward=True)")
+        if scaler is not None and found:
+            amp.tell_scaler(scaler, self, found)
+        if amp.any_found(self.found_inf, found):
+            self._pending.clear()
+            return False
+        if self.grad_scale is not None:  # None: the user called scaler.unscale_ already
+            grads = [p.grad for g in self.param_groups for p in g["params"]
+                     if p.grad is not None]
+            amp.unscale_(grads, self.grad_scale.double().reciprocal().float(), {})
+        return True
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any],
                     moments_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -193,22 +251,43 @@ class GaLoreAdamW(Optimizer):
 
     @property
     def defers_fused_updates(self) -> bool:
-        """Whether fused gradients wait for `step`: clipping needs the global norm first, and
-        accumulation the last micro-batch."""
-        return self.max_grad_norm is not None or self.micro_batches > 1
+        """Whether fused gradients wait for `step`: clipping needs the global norm first,
+        accumulation the last micro-batch, and a GradScaler the verdict on every gradient."""
+        return (self.max_grad_norm is not None or self.micro_batches > 1
+                or amp.active(self.grad_scaler))
 
     def _fused_update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """Take the complete gradient of projected weight ``p`` from inside a backward.
 
-        Without clipping or accumulation the weight steps at once. Otherwise the gradient is
-        projected and summed into a low-rank buffer (exact: the projection is linear and the
-        projector fixed within a step), or, when the subspace must be refreshed from the summed
-        gradient or clipping needs the summed gradient's norm, summed at full size.
+        Without clipping, accumulation or a GradScaler the weight steps at once. Otherwise the
+        gradient is projected and summed into a low-rank buffer (exact: the projection is
+        linear and the projector fixed within a step), or, when the subspace must be refreshed
+        from the summed gradient or clipping needs the summed gradient's norm, summed at full
+        size.
+
+        No weight or state is changed from a gradient holding an inf or NaN. With a GradScaler
+        the gradient is unscaled and checked in place, and an overflow skips the whole step in
+        `scaler.step` (the projector a refresh computes waits in the pending buffers until
+        then). Without one, a non-finite gradient raises `FloatingPointError` before this
+        weight is touched (one host read per weight).
         """
         group = self._projected_group(p)
         spec = projector_spec(group)
         pending = self._pending.setdefault(p, {"count": 0})
         pending["count"] += 1
+        scaler = self.grad_scaler if amp.active(self.grad_scaler) else None
+        found: dict[torch.device, torch.Tensor] = {}
+        if scaler is not None:
+            amp.unscale_([grad], amp.inverse_scale(scaler), found)
+            for device, flag in found.items():
+                total = self._fused_found.get(device)
+                self._fused_found[device] = flag.clone() if total is None else total.add_(flag)
+        elif not bool(torch.isfinite(grad).all()):
+            raise FloatingPointError(
+                f"memcompile: the gradient of {fused.name_of_param(p)} holds an inf or NaN; its "
+                "fused update refused it, leaving the weight and its state as they were (weights "
+                "updated earlier in this backward kept their finite step). With float16 and a "
+                "torch.amp.GradScaler, pass grad_scaler=scaler to memcompile.optim.lowrank")
         if not self.defers_fused_updates:
             if pending["count"] > 1:
                 raise RuntimeError(
@@ -223,7 +302,14 @@ class GaLoreAdamW(Optimizer):
             _accumulate(pending, "grad_sum", grad)
             return
         if self.micro_batches == 1:
-            lowrank, _ = functional.absorb_gradient(grad, state, spec, traced=False)
+            if scaler is not None and refresh_due:
+                if amp.any_found(None, found):
+                    return  # the step is skipped: no SVD of a non-finite gradient
+                # Kept aside: a step skipped for another weight's overflow leaves the state.
+                pending["projector"] = functional.new_projector(grad, state["projector"], spec)
+                lowrank = projector.project(grad, pending["projector"], spec.side(p.shape))
+            else:
+                lowrank, _ = functional.absorb_gradient(grad, state, spec, traced=False)
             if self.max_grad_norm is not None:
                 pending["norm"] = torch.linalg.vector_norm(grad, 2)
         else:
@@ -242,6 +328,8 @@ class GaLoreAdamW(Optimizer):
             self._step_projected_one(p, pending["grad_sum"], group, spec, coef)
         elif "lowrank" in pending:
             state = self.state[p]
+            if "projector" in pending:
+                state["projector"].copy_(pending["projector"])
             lowrank = pending["lowrank"] if coef is None else pending["lowrank"].mul_(coef)
             flag = torch.remainder(state["step"], spec.update_proj_gap) == 0
             functional.lowrank_adamw_step(p, lowrank, flag, state, spec=spec,

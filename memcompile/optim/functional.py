@@ -80,11 +80,9 @@ def refresh_projector(grad: torch.Tensor, state: State, spec: ProjectorSpec, *,
     current = state["projector"]
     if traced is None:
         traced = torch.compiler.is_compiling()
+
     def do_refresh(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        new = projector.refresh(g, spec)
-        if spec.signs == "continuous":
-            new = projector.align_signs(new, p, spec.side(g.shape))
-        return new
+        return new_projector(g, p, spec)
 
     if not traced:
         if bool(flag):
@@ -96,6 +94,15 @@ def refresh_projector(grad: torch.Tensor, state: State, spec: ProjectorSpec, *,
 
     current.copy_(torch.cond(flag, do_refresh, keep, (grad, current)))
     return flag
+
+
+def new_projector(grad: torch.Tensor, current: torch.Tensor, spec: ProjectorSpec) -> torch.Tensor:
+    """The projector a refresh computes from ``grad`` (its vectors turned the way ``current``'s
+    point, with ``signs="continuous"``); ``current`` is left as it is."""
+    new = projector.refresh(grad, spec)
+    if spec.signs == "continuous":
+        new = projector.align_signs(new, current, spec.side(grad.shape))
+    return new
 
 
 def absorb_gradient(grad: torch.Tensor, state: State, spec: ProjectorSpec, *,

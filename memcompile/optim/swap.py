@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memcompile.optim import fused
+from memcompile.optim import amp, fused
 from memcompile.optim.adamw import GaLoreAdamW, NaturalGaLoreAdamW
 from memcompile.optim.memory import state_bytes
 from memcompile.optim.projector import ProjectorSpec
@@ -28,7 +28,8 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
             params: list[torch.Tensor] | None = None, rank: int, update_proj_gap: int = 200,
             scale: float = 0.25, proj_type: str = "std", method: str = "galore",
             fused_backward: bool = False, max_grad_norm: float | None = None,
-            micro_batches: int = 1, **kwargs: Any) -> GaLoreAdamW:
+            micro_batches: int = 1, grad_scaler: torch.amp.GradScaler | None = None,
+            **kwargs: Any) -> GaLoreAdamW:
     """A new GaLore (or Natural GaLore) optimizer over ``optimizer``'s parameters.
 
     The weights in ``params`` (or, from ``model``, those :mod:`memcompile.optim.selection`
@@ -45,6 +46,26 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
     per ``step()`` (gradient accumulation). Either makes fused updates wait for ``step()``,
     holding low-rank buffers (see the README for their memory).
 
+    Mixed precision. A fused update runs inside the backward, before anything after it could
+    veto the step, so it never changes a weight or its state from a gradient holding an inf or
+    NaN:
+
+    - ``grad_scaler=scaler`` (a ``torch.amp.GradScaler``, float16 under ``torch.autocast``):
+      each fused gradient is unscaled and checked inside the backward, with the scaler's own
+      kernel, and projected into a low-rank buffer (the full gradient is still freed there);
+      the weights step in ``scaler.step(optimizer)``, all of them or, after an inf/NaN in any
+      gradient (fused or not), none: the step is skipped whole, as GradScaler skips it, and
+      ``scaler.update()`` backs the scale off. Memory: the projected gradients (one Adam
+      moment's size per weight) live until ``scaler.step``, as with ``max_grad_norm``. Step with
+      ``scaler.step(optimizer)``; a plain ``optimizer.step()`` is refused. The weights must be
+      float32 or wider (float16 weights are refused, as ``GradScaler.unscale_`` refuses float16
+      gradients).
+    - no ``grad_scaler`` (float32, bfloat16, float64): each weight steps inside the backward;
+      a gradient holding an inf or NaN raises ``FloatingPointError`` before its weight is
+      touched (weights updated earlier in that backward keep their finite step). Stepping such
+      an optimizer through a GradScaler is refused at ``scaler.step``: its fused updates took
+      scaled gradients.
+
     Returns a new optimizer object: the old one must not be stepped afterwards. For each original
     group the new one has the unprojected part, then the projected part (empty parts dropped).
     State the old optimizer already holds is carried over for the unprojected parameters (the
@@ -58,6 +79,8 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
         raise TypeError(f"fused_backward must be True or False, got {fused_backward!r}")
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+    if grad_scaler is not None:
+        _check_grad_scaler(grad_scaler, optimizer, fused_backward)
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                           and not isinstance(max_grad_norm, bool)
                                           and max_grad_norm > 0):
@@ -76,8 +99,9 @@ def lowrank(optimizer: torch.optim.Optimizer, *, model: nn.Module | None = None,
     new.fused_backward = fused_backward
     new.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     new.micro_batches = micro_batches
+    new.grad_scaler = grad_scaler
     if fused_backward:
-        fused.register(new, list(chosen.values()))
+        fused.register(new, chosen)
     _carry_state(optimizer, new, chosen)
     log.info("lowrank: %d weight(s) projected at rank %d (%s), %d group(s)", len(chosen), rank,
              method, len(new.param_groups))
@@ -91,6 +115,21 @@ def _check_kwargs(kwargs: dict[str, Any], method: str) -> None:
         hint = " (natural_history and damping need method='natural_galore')" if set(
             unknown) & set(_NATURAL_KEYS) else ""
         raise TypeError(f"lowrank() got unknown keyword(s) {unknown}{hint}; valid: {list(valid)}")
+
+
+def _check_grad_scaler(scaler: Any, optimizer: torch.optim.Optimizer,
+                       fused_backward: bool) -> None:
+    amp.check_scaler(scaler)
+    if not fused_backward:
+        raise ValueError("lowrank(): grad_scaler is for fused_backward=True (updates inside the "
+                         "backward); without it, use the scaler as usual: scaler.step(optimizer)")
+    half = [i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
+            if p.dtype == torch.float16]
+    if half:
+        raise ValueError(
+            f"lowrank(): group(s) {sorted(set(half))} hold float16 weights; a GradScaler "
+            "unscales float32 gradients (GradScaler.unscale_ refuses float16 ones): keep the "
+            "weights in float32 and run the forward under torch.autocast(dtype=torch.float16)")
 
 
 def _check_optimizer(optimizer: Any) -> None:
