@@ -28,13 +28,12 @@ from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
 from memcompile.passes.registry import resolve_pipeline
+from memcompile.passes.stream_plan import STREAM_PASS
 from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runner import run_passes
 from memcompile.runtime.eager import compile_eager
 from memcompile.runtime.inductor import compile_inductor
 from memcompile.unmet import origin, warn_unmet
-
-STREAM_PASS = "stream_plan"
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +145,7 @@ def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
         discard_record(record)
         raise
     plan = forward.meta.get(STREAM_PLAN)
+    record.notes = list(forward.meta.get(NOTES, []))
     if plan is None:
         return _without_stream(gm, example_inputs, options, record, _no_plan_reason(forward,
                                                                                    options))
@@ -154,7 +154,6 @@ def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     record.forward = forward
     record.forward_code = forward.code
     record.decisions = list(forward.meta.get(DECISIONS, []))
-    record.notes = list(forward.meta.get(NOTES, []))
     if options.runtime == "inductor":
         record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
                                           "Inductor)"))
@@ -163,7 +162,7 @@ def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
              "chunked" if plan.head else "whole")
     warn_unmet(record, forward.meta.get(UNMET, []))
-    return StreamProgram(forward, plan)
+    return StreamProgram(forward, plan, fused.slots_of(example_inputs))
 
 
 def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
@@ -202,5 +201,5 @@ def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
                     record: GraphRecord, reason: str) -> Any:
     """Compile as `compile_graph` does, keeping the stream attempt's record and warning why."""
     log.info("%s: stream not applied: %s", record.name, reason)
-    record.notes = [(STREAM_PASS, f"not applied: {reason}")]
+    record.notes.append((STREAM_PASS, f"not applied: {reason}"))
     return compile_graph(gm, example_inputs, options, record, [(STREAM_PASS, reason)])
