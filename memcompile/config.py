@@ -9,6 +9,8 @@ and listing what is valid.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -110,6 +112,13 @@ class Options(metaclass=_RejectUnknownKeys):
     runtime: Literal["inductor", "eager"] = "inductor"
     """ "inductor" compiles the rewritten graphs; "eager" runs them in Python, freeing each
     tensor after its last use (the runtime whose live bytes the simulator predicts exactly)."""
+    cost_model: str | Mapping[str, float] = "measured"
+    """What the remat planner prices recomputation with. "measured": constants timed on the
+    device in the graph's dtype once per process, their ratios rounded to powers of two so
+    that load does not move them; "fixed": representative constants of the device's kind, the
+    same plan on every run and machine; or a dict of `seconds_per_op`, `seconds_per_byte` and
+    `seconds_per_flop` (the `cost` of an earlier plan, `GraphRecord.plan.cost.to_dict()`, also
+    in its note), or the path of a JSON file holding one, to plan as that run did."""
     dump_dir: str | None = None
     """Directory for every graph before and after each pass, and the decisions."""
 
@@ -184,6 +193,33 @@ def _check_budget(value: Any) -> float | int | str | None:
                                f"{_BUDGET_VALID}")
         return nbytes  # a string names its unit: no small-int trap
     raise OptionsError("memory_budget", f"got {value!r}; valid: {_BUDGET_VALID}")
+
+
+_COST_MODEL_KEYS = ("seconds_per_op", "seconds_per_byte", "seconds_per_flop")
+_COST_MODEL_VALID = ('"measured", "fixed", a dict of seconds_per_op, seconds_per_byte and '
+                     'seconds_per_flop (positive numbers), or the path of a JSON file of one')
+
+
+def _check_cost_model(value: Any) -> str | dict[str, float]:
+    if isinstance(value, str) and value in ("measured", "fixed"):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except (OSError, ValueError) as e:
+            raise OptionsError("cost_model", f"{path!r} is neither a name nor a readable JSON "
+                               f"file ({e}); valid: {_COST_MODEL_VALID}") from None
+    if not isinstance(value, Mapping):
+        raise OptionsError("cost_model", f"got {value!r}; valid: {_COST_MODEL_VALID}")
+    if sorted(value) != sorted(_COST_MODEL_KEYS):
+        raise OptionsError("cost_model", f"keys {sorted(value)}; valid: {_COST_MODEL_VALID}")
+    for key in _COST_MODEL_KEYS:
+        v = value[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise OptionsError(f"cost_model.{key}", f"got {v!r}; valid: {_COST_MODEL_VALID}")
+    return {key: float(value[key]) for key in _COST_MODEL_KEYS}
 
 
 def _check_chunk(key: str, value: Any) -> int | str:
@@ -290,6 +326,7 @@ def _check_dump_dir(value: Any) -> str | None:
 
 _CHECKS = {
     "memory_budget": _check_budget,
+    "cost_model": _check_cost_model,
     "stream": _check_stream,
     "sequence_parallel": _check_sequence_parallel,
     "passes": lambda v: _check_pass_names("passes", v, allow_none=True),

@@ -7,12 +7,15 @@ plan's summary. `memcompile.planning.remat_split` applies the tags when the grap
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 
-from memcompile.analysis.cost import CostModel
+from memcompile.analysis.cost import cost_model
+from memcompile.analysis.memory import concrete
 from memcompile.analysis.joint import JointGraph
 from memcompile.meta import JOINT, REMAT_PLAN, record_note
 from memcompile.passes.registry import register_pass
@@ -34,8 +37,9 @@ def plan_remat_pass(
         record_note(gm, PASS_NAME, "the backward reads nothing from the forward: unchanged")
         return gm
     fusion = getattr(options, "runtime", "eager") == "inductor"
-    point, summary, planner = plan(joint, budget, CostModel.measured(_device_of(joint)),
-                                   fusion=fusion)
+    device, dtype = _device_and_dtype(joint)
+    cost = cost_model(getattr(options, "cost_model", "measured"), device, dtype)
+    point, summary, planner = plan(joint, budget, cost, fusion=fusion)
     tag_plan(joint, point, planner.node_seconds)
     gm.meta[REMAT_PLAN] = summary
     record_note(gm, PASS_NAME, describe(summary, point))
@@ -57,12 +61,18 @@ def describe(summary: RematSummary, point: PlanPoint) -> str:
             f"buffers (saving everything: "
             f"{summary.save_all_peak / mib:.2f} MiB{least}); recomputes "
             f"{len(point.layout.recomputed)} ops, ~{share:.2f} of a forward; "
-            f"{summary.plans_simulated} plans simulated in {summary.seconds:.2f} s")
+            f"{summary.plans_simulated} plans simulated in {summary.seconds:.2f} s; "
+            f"cost_model={summary.cost.to_dict() if summary.cost else None}")
 
 
-def _device_of(joint: JointGraph) -> str:
+def _device_and_dtype(joint: JointGraph) -> tuple[str, torch.dtype]:
+    """The device kind of the graph's inputs and its floating dtype with the most input bytes
+    (the weights' dtype, usually): what the measured cost model times."""
+    device, weights = "cpu", Counter()
     for node in joint.primals:
-        device = getattr(node.meta.get("val"), "device", None)
-        if device is not None:
-            return device.type
-    return "cpu"
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            device = val.device.type
+            if val.dtype.is_floating_point:
+                weights[val.dtype] += concrete(val.numel()) * val.element_size()
+    return device, (weights.most_common(1)[0][0] if weights else torch.float32)

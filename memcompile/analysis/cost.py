@@ -3,17 +3,34 @@
 `CostModel(seconds_per_op, seconds_per_byte, seconds_per_flop)` prices one op run by the eager
 runtime as a fixed dispatch overhead, plus the bytes it reads and writes at memory bandwidth, plus
 its FLOPs (matrix products, convolutions, attention: torch's own FLOP formulas) at the matmul
-rate. `CostModel.measured(device)` fits the three constants to ops timed on the device, once per
-process; tests pass constants of their own, so plans do not depend on the machine.
+rate.
+
+A plan depends on the constants only through two ratios, seconds per op and per FLOP over
+seconds per byte (the planner compares seconds with seconds: which value frees the most bytes
+per second of recompute, and whether a plan recomputes more than one forward). So:
+
+- `CostModel.measured(device, dtype)` times a tiny op, a large add and a matmul on the device, in
+  the graph's dtype, with CUDA synchronized around each timing (the work, not the launch), from
+  inputs drawn from a private generator (the user's random stream is untouched). The three are
+  timed in interleaved rounds and each takes its fastest round: load slows a round, never
+  speeds it, and slows the three alike. The two ratios are then rounded to a power of two, so
+  timing noise of tens of percent leaves them, and the plan, where they were. Once per process,
+  device and dtype.
+- `CostModel.fixed(device)` is a table of representative constants per device kind: plans that
+  are the same on every run and every machine of that kind, without timing anything.
+- `CostModel(**constants)` pins the constants of an earlier run (`RematSummary.cost`, also in
+  the plan's note): the option `cost_model` (`memcompile.Options`) chooses among the three.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import statistics
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -47,10 +64,42 @@ class CostModel:
         return (self.seconds_per_op + self.seconds_per_byte * bytes_moved(node)
                 + self.seconds_per_flop * flops(node))
 
+    def to_dict(self) -> dict[str, float]:
+        """The constants, as `Options(cost_model=...)` takes them to pin a later run."""
+        return asdict(self)
+
     @classmethod
-    def measured(cls, device: str = "cpu") -> CostModel:
-        """Constants fitted to ops timed on `device` (measured once per process)."""
-        return _calibrate(torch.device(device).type)
+    def measured(cls, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CostModel:
+        """Constants fitted to ops timed on `device` in `dtype`, their ratios rounded to a power
+        of two (measured once per process, device kind and dtype)."""
+        return _calibrate(torch.device(device).type, dtype)
+
+    @classmethod
+    def fixed(cls, device: str = "cpu") -> CostModel:
+        """Representative constants of the device's kind (`FIXED`): nothing is timed."""
+        kind = torch.device(device).type
+        return FIXED["cpu" if kind == "cpu" else "cuda"]
+
+
+FIXED = {
+    "cpu": CostModel(seconds_per_op=4e-6, seconds_per_byte=2.5e-10, seconds_per_flop=3e-11),
+    "cuda": CostModel(seconds_per_op=8e-6, seconds_per_byte=4e-13, seconds_per_flop=4e-15),
+}
+"""`cost_model="fixed"`: a CPU core pair's dispatch, bandwidth and matmul rate, and a data-center
+GPU's (any device other than the CPU takes the GPU's)."""
+
+COST_MODELS = ("measured", "fixed")
+"""The named cost models of `Options.cost_model`; a dict of the three constants pins others."""
+
+
+def cost_model(spec: str | Mapping[str, float], device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> CostModel:
+    """The cost model `Options.cost_model` names, for a graph on `device` in `dtype`."""
+    if spec == "measured":
+        return CostModel.measured(device, dtype)
+    if spec == "fixed":
+        return CostModel.fixed(device)
+    return CostModel(**spec)
 
 
 def flops(node: fx.Node) -> int:
@@ -92,36 +141,64 @@ def _prod(values: list[int]) -> int:
     return out
 
 
-def _median_seconds(fn, repeat: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+_ROUNDS = 7  # interleaved timing rounds; each op keeps its fastest
+
+
+def _fastest(fns: list[tuple[Callable[[], Any], int]], dev: torch.device) -> list[float]:
+    """Seconds per call of each `(fn, calls)`, timed in interleaved rounds of `calls` calls
+    each, CUDA synchronized around each timing; each fn's fastest round (load only slows)."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for fn, _ in fns:
+        fn()  # warm up: allocator, kernels, caches
+    best = [math.inf] * len(fns)
+    for _ in range(_ROUNDS):
+        for i, (fn, calls) in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return best
 
 
 @functools.lru_cache(maxsize=None)
-def _calibrate(device: str) -> CostModel:
+def _calibrate(device: str, dtype: torch.dtype) -> CostModel:
     """Time a tiny op (overhead), a large add (bandwidth) and a matmul (FLOP rate)."""
     # Planning runs inside AOTAutograd's FakeTensorMode: time real tensors, not fake ones.
     with unset_fake_temporarily(), _disable_current_modes():
-        return _time_ops(torch.device(device))
-
-
-def _time_ops(dev: torch.device) -> CostModel:
-    tiny = torch.ones(1, device=dev)
-    overhead = _median_seconds(lambda: aten.add.Tensor(tiny, tiny), repeat=51)
-    big = torch.ones(1 << 22, device=dev)
-    add_bytes = 3 * big.numel() * big.element_size()
-    per_byte = max(_median_seconds(lambda: aten.add.Tensor(big, big)) - overhead, 0.0) / add_bytes
-    n = 512
-    a = torch.randn(n, n, device=dev)
-    mm_seconds = _median_seconds(lambda: aten.mm.default(a, a))
-    mm_bytes = 3 * n * n * a.element_size()
-    per_flop = max(mm_seconds - overhead - per_byte * mm_bytes, 1e-15) / (2 * n ** 3)
-    model = CostModel(overhead, per_byte, per_flop)
-    log.info("cost model for %s: %.2e s/op, %.2e s/byte, %.2e s/FLOP", dev, *(
-        model.seconds_per_op, model.seconds_per_byte, model.seconds_per_flop))
+        model = rounded(_time_ops(torch.device(device), dtype))
+    log.info("cost model for %s %s: %.2e s/op, %.2e s/byte, %.2e s/FLOP (ratios rounded to "
+             "powers of two; pin them with cost_model=%s)", device, dtype, model.seconds_per_op,
+             model.seconds_per_byte, model.seconds_per_flop, model.to_dict())
     return model
+
+
+def _time_ops(dev: torch.device, dtype: torch.dtype) -> CostModel:
+    # A private generator: calibrating must not move the user's random stream.
+    generator = torch.Generator(device=dev).manual_seed(0)
+    tiny = torch.ones(1, device=dev, dtype=dtype)
+    big = torch.ones(1 << 22, device=dev, dtype=dtype)
+    n = 512
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=generator)
+    overhead, add_seconds, mm_seconds = _fastest([
+        (lambda: aten.add.Tensor(tiny, tiny), 64),
+        (lambda: aten.add.Tensor(big, big), 2),
+        (lambda: aten.mm.default(a, a), 2),
+    ], dev)
+    add_bytes = 3 * big.numel() * big.element_size()
+    per_byte = max(add_seconds - overhead, 1e-3 * add_seconds) / add_bytes
+    mm_bytes = 3 * n * n * a.element_size()
+    per_flop = max(mm_seconds - overhead - per_byte * mm_bytes, 1e-3 * mm_seconds) / (2 * n ** 3)
+    return CostModel(overhead, per_byte, per_flop)
+
+
+def rounded(model: CostModel) -> CostModel:
+    """`model` with seconds per op and per FLOP moved to the nearest power of two times its
+    seconds per byte: the two ratios a plan depends on, so noise that leaves them within a
+    factor of about 1.4 of the power of two leaves the plan as it is."""
+    def snap(seconds: float) -> float:
+        ratio = seconds / model.seconds_per_byte
+        return model.seconds_per_byte * 2.0 ** round(math.log2(ratio))
+    return CostModel(snap(model.seconds_per_op), model.seconds_per_byte,
+                     snap(model.seconds_per_flop))

@@ -98,6 +98,9 @@ class RematSummary:
     seconds: float
     chain: list[tuple[int, float]] = field(default_factory=list)
     """(peak bytes, recompute seconds) of each plan of the chain, in order."""
+    cost: CostModel | None = None
+    """The cost model the plan was priced with: `cost.to_dict()` as `Options.cost_model`
+    plans the same graph the same way in another run."""
     priced_on: str = "eager"
     """Whose buffers the peaks count: "eager" (every op's output, the tracked peak) or
     "inductor" (what Inductor's fused kernels store; `analysis.fusion`)."""
@@ -436,7 +439,7 @@ def _plan(joint: JointGraph, budget: Any, cost: CostModel, fusion: bool
         recompute_seconds=point.recompute_seconds, forward_seconds=planner.forward_seconds,
         plans_simulated=planner.plans_simulated, seconds=time.perf_counter() - start,
         chain=[(p.peak_bytes, p.recompute_seconds) for p in planner.chain],
-        priced_on="inductor" if fusion else "eager",
+        priced_on="inductor" if fusion else "eager", cost=cost,
     )
     return point, summary, planner
 
