@@ -70,6 +70,8 @@ class StreamProgram:
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
                 env[node] = next(inputs)
+            elif node.op == "get_attr":  # a constant the trace lifted (an empty KV cache)
+                env[node] = _attribute(self.gm, node.target)
                 if node in self.updates.on_grad:
                     env[node] = on_grad(env[node], self.updates.on_grad[node])
             elif node.op == "output":
@@ -102,3 +104,11 @@ class StreamProgram:
             outs = StreamHead.apply(runner, updates.of(region), env[region.input], *side)
             for node, value in zip(region.outputs, outs):
                 env[node] = value
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    """The module attribute a `get_attr` node names (a dotted path)."""
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value

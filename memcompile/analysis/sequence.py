@@ -302,8 +302,20 @@ class _Rules:
             return "unknown", None, "concatenates tensors with different sequence dimensions"
         seq = seqs.pop()
         if seq.dim == dim:
+            if _onto_empty(tensors, self.info):
+                # A fresh KV cache: transformers concatenates the new keys onto an empty
+                # tensor. Nothing is joined: the result is the one input with a sequence.
+                return "local", seq, ""
             return "unknown", None, "concatenates along the sequence"
         return "local", seq, ""
+
+
+def _onto_empty(tensors: list[fx.Node], info: SequenceInfo) -> bool:
+    """Whether one of `tensors` has a sequence dimension and every other one is empty."""
+    with_seq = [t for t in tensors if info.dims.get(t) is not None]
+    others = [t for t in tensors if info.dims.get(t) is None]
+    return len(with_seq) == 1 and all(
+        isinstance(v := t.meta.get("val"), torch.Tensor) and v.numel() == 0 for t in others)
 
 
 def batch_inputs(graph: fx.Graph, parameters: set[fx.Node]) -> tuple[list[fx.Node], int | None]:

@@ -1,0 +1,90 @@
+"""StreamBP on Hugging Face models as users configure them: default configs, sizes changed only.
+
+A default config keeps `use_cache=True`: in training mode the model builds a fresh KV cache and
+concatenates each layer's new keys and values onto its empty tensors. That concatenation joins
+nothing, so every layer still streams; gradients are held to the float32 rule, as the other
+Hugging Face models in `test_stream.py` (their RMSNorm computes in float32 whatever the dtype).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import clone_inputs, clone_model, float32_tolerance, worst_error
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import memcompile
+from memcompile.analysis.sequence import SeqDim, analyze_sequence
+from memcompile.models import build_hf_model
+from memcompile.report import recording
+
+aten = torch.ops.aten
+
+VOCAB = 256
+
+
+def test_concatenating_onto_an_empty_tensor_keeps_the_sequence():
+    """ids (1, 8) -> x (1, 8, 4); cat([empty (1, 0, 4), x], 1) is x itself (a fresh cache),
+    cat([x, x], 1) joins two sequences (unknown to the analysis)."""
+    def f(ids, emb):
+        x = F.embedding(ids, emb)
+        fresh = torch.cat([torch.zeros(1, 0, 4), x], 1)
+        joined = torch.cat([x, x], 1)
+        return fresh.sum() + joined.sum()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(1, 8, dtype=torch.long), torch.randn(10, 4))
+    info = analyze_sequence(gm.graph)
+    fresh, joined = [n for n in gm.graph.nodes if n.target is aten.cat.default]
+    assert info.effects[fresh] == "local" and info.dim_of(fresh) == SeqDim(1)
+    assert info.effects[joined] == "unknown"
+    assert info.unknown_reason[joined] == "concatenates along the sequence"
+
+
+def _batch(padding: str | None, length: int = 14) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, length), generator=gen)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if padding == "left":
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        batch["attention_mask"] = mask
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def _loss(model, batch):
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("arch,padding", [("llama", None), ("qwen2", "left")])
+def test_a_default_config_with_its_cache_on_streams_every_layer(arch, padding):
+    eager32 = build_hf_model(arch, dtype=torch.float32, seed=0, use_cache=True)
+    assert eager32.config.use_cache
+    ref64 = clone_model(eager32, dtype=torch.float64)
+    model = clone_model(eager32)
+    batch = _batch(padding)
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: _loss(model, b), backend="memcompile",
+                         options={"runtime": "eager",
+                                  "stream": {"chunk_size": 5, "logits_chunk_size": 4}})
+    with recording() as records, warnings.catch_warnings():
+        warnings.simplefilter("error", memcompile.MemcompileWarning)
+        loss = step(clone_inputs(batch))
+    loss.backward()
+    (record,) = records
+    assert record.kind == "stream"
+    chunked = [d.reason for d in record.decisions if d.kind == "chunked"]
+    assert sum(r.startswith("layer") for r in chunked) == model.config.num_hidden_layers
+    assert chunked[-1].startswith("head: computed")
+
+    loss64 = _loss(ref64, clone_inputs(batch))
+    loss64.backward()
+    loss32 = _loss(eager32, clone_inputs(batch))
+    loss32.backward()
+    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
+    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
+    assert err <= float32_tolerance(eager_err), (
+        f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
