@@ -165,6 +165,15 @@ def compile_memcompile(model: nn.Module, *, dynamic: bool | None = None, reset: 
     return torch.compile(model, backend="memcompile", dynamic=dynamic, options=options)
 
 
+def inductor_graphs() -> int:
+    """How many graphs Inductor compiled or took from its cache since ``counters`` were cleared
+    (``torch._dynamo.utils.counters.clear()``): two per training graph, forward and backward."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return c["fxgraph_cache_miss"] + c["fxgraph_cache_hit"] + c["fxgraph_cache_bypass"]
+
+
 def float32_tolerance(eager_float32_error: float) -> float:
     """The float32 bound: ``max(1.5 × eager float32's own error, FLOAT32_FLOOR)``."""
     return max(1.5 * eager_float32_error, FLOAT32_FLOOR)

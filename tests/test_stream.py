@@ -180,6 +180,22 @@ def test_stream_is_exact_in_float64(batch_size, length, chunk, logits_chunk, key
     assert "head: computed" in chunked[-1].reason
 
 
+def test_stream_under_the_default_runtime_is_exact_in_float64():
+    """`options={"stream": True}` and nothing else, as a user writes it: the default runtime
+    (Inductor) streams every layer and the head, and every gradient is within 1e-10 of eager."""
+    model = _tiny()
+    ref = clone_model(model)
+    ids = torch.randint(0, TINY.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": _labels(ids)}
+    loss, records = _stream_step(model, clone_inputs(batch), {"stream": True})
+    err, where = worst_error(loss, _eager_step(ref, clone_inputs(batch)), model, ref)
+    assert err <= FLOAT64_TOL, f"worst relative error {err:.3e} at {where}"
+    (record,) = records
+    assert record.kind == "stream"
+    chunked = [d for d in record.decisions if d.kind == "chunked"]
+    assert len(chunked) == TINY.num_layers + 1 and "head: computed" in chunked[-1].reason
+
+
 def _policy_batch(batch_size=4, length=19):
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, TINY.vocab_size, (batch_size, length), generator=gen)
