@@ -36,7 +36,8 @@ import torch.fx as fx
 
 from memcompile.analysis.attention import ATTENTION_OPS, is_causal
 from memcompile.analysis.attention import mask as attention_mask
-from memcompile.analysis.sequence import SeqDim, SequenceInfo, analyze_sequence
+from memcompile.analysis.sequence import (SeqDim, SequenceInfo, analyze_sequence,
+                                          fresh_cache_update)
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import STREAM_PLAN, Decision, record_decision, record_note
 from memcompile.passes.registry import register_pass
@@ -446,6 +447,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     end = reducing[0] if reducing else len(nodes) - 1
     stream = stream_options(options)
     plan = StreamPlan(info, activations, [], layers_per_checkpoint=stream.layers_per_checkpoint)
+    _note_returned_cache(gm, info, plan)
     chunk = _chunk(stream.chunk_size, DEFAULT_CHUNK)
     for start, stop in _find_layers(nodes, cuts, attentions, end, plan):
         region = _region("layer", nodes, start, stop, activations, [nodes[stop]])
@@ -467,6 +469,21 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     _hold(gm, plan, example_inputs, options)
     _record(gm, plan)
     return plan
+
+
+def _note_returned_cache(gm: fx.GraphModule, info: SequenceInfo, plan: StreamPlan) -> None:
+    """Say what to change when the graph returns a KV cache built in the forward.
+
+    A returned cache makes every layer's keys and values outputs of the step: they must exist
+    whole, so the layers that made them cannot be re-run chunk by chunk."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    cache = [o for o in dict.fromkeys(_flatten(output.args[0])) if fresh_cache_update(o, info)]
+    if cache:
+        plan.notes.append(
+            f"the forward returns a KV cache it builds ({len(cache)} key/value tensors: "
+            f"{', '.join(o.name for o in cache[:4])}{', ...' if len(cache) > 4 else ''}), so "
+            "every layer's keys and values must exist whole; a model that trains needs no "
+            "cache: set model.config.use_cache = False (or pass use_cache=False)")
 
 
 def _hold(gm: fx.GraphModule, plan: StreamPlan, example_inputs: list[Any],

@@ -88,3 +88,19 @@ def test_a_default_config_with_its_cache_on_streams_every_layer(arch, padding):
     eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
     assert err <= float32_tolerance(eager_err), (
         f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+
+
+def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
+    """Compiled whole with its default config, the model returns the KV cache it builds: every
+    layer's keys and values are outputs, so no layer streams, and the warning says what to set."""
+    model = build_hf_model("llama", dtype=torch.float64, seed=0, use_cache=True)
+    batch = _batch(None)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memcompile",
+                             options={"runtime": "eager", "stream": True})
+    with pytest.warns(memcompile.MemcompileWarning,
+                      match=r"the forward returns a KV cache it builds \(4 key/value tensors.*"
+                            r"set model\.config\.use_cache = False"):
+        out = compiled(**batch)
+    assert out.past_key_values is not None
+    out.loss.backward()

@@ -302,7 +302,7 @@ class _Rules:
             return "unknown", None, "concatenates tensors with different sequence dimensions"
         seq = seqs.pop()
         if seq.dim == dim:
-            if _onto_empty(tensors, self.info):
+            if _onto_empty(tensors, self.info.dims):
                 # A fresh KV cache: transformers concatenates the new keys onto an empty
                 # tensor. Nothing is joined: the result is the one input with a sequence.
                 return "local", seq, ""
@@ -310,10 +310,17 @@ class _Rules:
         return "local", seq, ""
 
 
-def _onto_empty(tensors: list[fx.Node], info: SequenceInfo) -> bool:
+def fresh_cache_update(node: fx.Node, info: SequenceInfo) -> bool:
+    """Whether `node` concatenates one sequence onto empty tensors: how a KV cache created in
+    the forward (transformers' `use_cache=True`) takes a layer's keys or values."""
+    return (node.op == "call_function" and node.target is aten.cat.default
+            and info.dim_of(node) is not None and _onto_empty(node.args[0], info.dims))
+
+
+def _onto_empty(tensors: list[fx.Node], dims: dict) -> bool:
     """Whether one of `tensors` has a sequence dimension and every other one is empty."""
-    with_seq = [t for t in tensors if info.dims.get(t) is not None]
-    others = [t for t in tensors if info.dims.get(t) is None]
+    with_seq = [t for t in tensors if dims.get(t) is not None]
+    others = [t for t in tensors if dims.get(t) is None]
     return len(with_seq) == 1 and all(
         isinstance(v := t.meta.get("val"), torch.Tensor) and v.numel() == 0 for t in others)
 
