@@ -70,10 +70,10 @@ class StreamProgram:
         for i, node in enumerate(self.nodes):
             if node.op == "placeholder":
                 env[node] = next(inputs)
-            elif node.op == "get_attr":  # a constant the trace lifted (an empty KV cache)
-                env[node] = _attribute(self.gm, node.target)
                 if node in self.updates.on_grad:
                     env[node] = on_grad(env[node], self.updates.on_grad[node])
+            elif node.op == "get_attr":  # a constant the trace lifted (an empty KV cache)
+                env[node] = _attribute(self.gm, node.target)
             elif node.op == "output":
                 return resolve(node.args[0], env)
             elif node in self.trigger:
