@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._inductor.decomposition import select_decomp_table
 
-from helpers import compile_memcompile, train_step
+from helpers import FLOAT64_TOL, compile_memcompile, grad_errors, train_step
 from memcompile.config import Options
 from memcompile.models import build_model, make_batch
 from memcompile.passes.embedding_backward import extern_embedding_backward_pass
@@ -54,5 +54,8 @@ def test_a_model_trains_to_the_same_gradients_through_inductor():
     with recording() as records:
         train_step(compile_memcompile(model), batch)
     assert any("run as one extern kernel" in text for r in records for _, text in r.notes)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=0, msg=name)
+    # The design's rule, per parameter over the whole tensor: an element-wise rtol with atol=0
+    # holds each near-zero sum of cancelling terms to 1e-10 of itself, which no reordering of a
+    # reduction (Inductor's) need meet.
+    errors = grad_errors(model, ref)
+    assert max(errors.values()) <= FLOAT64_TOL, errors
