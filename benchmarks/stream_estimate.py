@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from memcompile.capture import stream_forward
+from memcompile.capture_stream import stream_forward
 from memcompile.config import Options
 from memcompile.meta import STREAM_PLAN
 from memcompile.models import build_model, make_batch

@@ -31,7 +31,8 @@ def memcompile(
     options: Mapping[str, Any] | Options | None = None,
 ) -> Callable[..., Any]:
     """The torch.compile backend: `torch.compile(model, backend="memcompile", options={...})`."""
-    from memcompile.capture import compile_graph, compile_stream
+    from memcompile.capture import compile_graph
+    from memcompile.capture_stream import compile_stream
 
     # Dynamo wraps what a backend raises as "backend='memcompile' raised: OptionsError: ...",
     # the last line of the traceback: the message names the key and what is valid.

@@ -24,13 +24,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memcompile.config import Options
-from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
 from memcompile.passes.registry import resolve_pipeline
 from memcompile.passes.stream_plan import STREAM_PASS
 from memcompile.report import GraphRecord, discard_record, new_record
-from memcompile.runner import run_passes
 from memcompile.runtime.eager import compile_eager
 from memcompile.runtime.inductor import compile_inductor
 from memcompile.unmet import origin, warn_unmet
@@ -125,81 +123,15 @@ def _aot_cache_hits() -> int:
     return counters["aot_autograd"]["autograd_cache_hit"]
 
 
-def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
-    """Compile one Dynamo graph with StreamBP (`options["stream"]`).
-
-    The stream pipeline (`causal_mask`, `key_mask`, `stream_plan`; `options["passes"]` and
-    `"disable_passes"` name them) runs through the runner on the forward aten graph. Where no
-    plan results, the graph is compiled as `compile_graph` does, with a `MemcompileWarning`
-    saying why: the user asked for stream explicitly.
-    """
-    from memcompile.runtime.stream_program import StreamProgram
-
-    record = new_record(origin(gm))
-    if any(not isinstance(x, torch.Tensor) or _has_symbolic_shape(x) for x in example_inputs):
-        reason = "stream needs static shapes (a graph with symbolic sizes was captured)"
-        return _without_stream(gm, example_inputs, options, record, reason)
-    try:
-        forward, record.passes = stream_forward(gm, example_inputs, options, record.name)
-    except BaseException:
-        discard_record(record)
-        raise
-    plan = forward.meta.get(STREAM_PLAN)
-    record.notes = list(forward.meta.get(NOTES, []))
-    if plan is None:
-        return _without_stream(gm, example_inputs, options, record, _no_plan_reason(forward,
-                                                                                   options))
-    record.kind = "stream"
-    record.stream_plan = plan
-    record.forward = forward
-    record.forward_code = forward.code
-    record.decisions = list(forward.meta.get(DECISIONS, []))
-    if options.runtime == "inductor":
-        record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
-                                          "Inductor)"))
-    if options.dump_dir:
-        record.dump(options.dump_dir)
-    log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
-             "chunked" if plan.head else "whole")
-    warn_unmet(record, forward.meta.get(UNMET, []))
-    return StreamProgram(forward, plan, fused.slots_of(example_inputs))
-
-
-def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                   graph_name: str) -> tuple[fx.GraphModule, list[Any]]:
-    """The Dynamo graph as a static aten graph, through the stream pipeline; its plan, if one
-    was made, is in `meta[STREAM_PLAN]`. Returns it and the runner's pass records."""
-    return run_passes(trace_static(gm, example_inputs), list(example_inputs), options=options,
-                      graph_name=graph_name, graph="stream")
-
-
-def _no_plan_reason(forward: fx.GraphModule, options: Options) -> str:
-    if STREAM_PASS not in resolve_pipeline(options.passes, options.disable_passes,
-                                           options.runtime, graph="stream"):
-        return (f"the {STREAM_PASS} pass is not in the pipeline (options 'passes'/"
-                "'disable_passes')")
-    return "; ".join(text for name, text in forward.meta.get(NOTES, []) if name == STREAM_PASS)
-
-
-def trace_static(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """The Dynamo graph as an aten graph with static shapes.
+def trace_static(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """The Dynamo graph as an aten graph with static shapes: those of the tensors given, and
+    the integers given for its symbolic sizes.
 
     A fake mode of its own, without a shape environment: inside a backend, Dynamo's ambient
     fake mode would make sizes symbolic.
     """
     mode = FakeTensorMode(shape_env=None)
-    fakes = [mode.from_tensor(x, static_shapes=True) for x in example_inputs]
+    fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+             for x in example_inputs]
     with torch._guards.tracing(None), mode:
         return make_fx(gm, tracing_mode="real")(*fakes)
-
-
-def _has_symbolic_shape(x: torch.Tensor) -> bool:
-    return any(isinstance(s, torch.SymInt) for s in x.shape)
-
-
-def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                    record: GraphRecord, reason: str) -> Any:
-    """Compile as `compile_graph` does, keeping the stream attempt's record and warning why."""
-    log.info("%s: stream not applied: %s", record.name, reason)
-    record.notes.append((STREAM_PASS, f"not applied: {reason}"))
-    return compile_graph(gm, example_inputs, options, record, [(STREAM_PASS, reason)])

@@ -104,3 +104,33 @@ def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
         out = compiled(**batch)
     assert out.past_key_values is not None
     out.loss.backward()
+
+
+def test_stream_stays_on_through_dynamic_recompiles():
+    """The second length makes Dynamo recompile with a symbolic length; the graph is planned
+    once per length it runs at, so every length streams, exactly (float64: the built-in model's
+    norm computes in its own dtype)."""
+    from helpers import FLOAT64_TOL
+
+    from memcompile.models import build_model, make_batch
+
+    model = build_model("tiny", dtype=torch.float64)
+    ref = clone_model(model)
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: model(**b).loss, backend="memcompile",
+                         options={"runtime": "eager", "stream": {"chunk_size": 16}})
+    lengths = [32, 48, 64, 40, 48]
+    with recording() as records, warnings.catch_warnings():
+        warnings.simplefilter("error", memcompile.MemcompileWarning)
+        for length in lengths:
+            batch = make_batch("tiny", seq_len=length)
+            model.zero_grad()
+            ref.zero_grad()
+            loss = step(batch)
+            loss.backward()
+            ref_loss = ref(**batch).loss
+            ref_loss.backward()
+            err, where = worst_error(loss.detach(), ref_loss.detach(), model, ref)
+            assert err <= FLOAT64_TOL, f"{length} tokens: {err:.3e} at {where}"
+    assert [r.kind for r in records] == ["stream"] * 4  # 48 comes back: its plan is reused
+    assert [r.stream_plan.info.length for r in records] == [32, 48, 64, 40]

@@ -1,0 +1,151 @@
+"""The stream path: a Dynamo graph run by StreamBP's runtime (`options["stream"]`).
+
+The Dynamo graph is traced to an aten forward graph with static sizes, and the runner runs the
+stream pipeline on it (`causal_mask`, `key_mask`, `stream_plan`; `options["passes"]` and
+`"disable_passes"` name them). The plan runs in `runtime.stream_program.StreamProgram`.
+
+A graph Dynamo captured with a symbolic length (its automatic dynamic recompile at a second
+length, or `mark_dynamic`) is planned at the length it was captured at, and then once per length
+it runs at: its plan's regions and chunk ranges are sizes of one length. Where no plan results,
+the graph takes the default path (`capture.compile_graph`) with a `MemcompileWarning` saying why:
+the user asked for stream explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memcompile.capture import compile_graph, trace_static
+from memcompile.config import Options
+from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
+from memcompile.optim import fused
+from memcompile.passes.registry import resolve_pipeline
+from memcompile.passes.stream_plan import STREAM_PASS
+from memcompile.report import GraphRecord, discard_record, new_record
+from memcompile.runner import run_passes
+from memcompile.runtime.stream_program import StreamProgram
+from memcompile.unmet import origin, warn_unmet
+
+log = logging.getLogger(__name__)
+
+
+def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
+    """Compile one Dynamo graph with StreamBP, or by the default path where it cannot apply."""
+    where = origin(gm)
+    record = new_record(where)
+    if any(isinstance(x, torch.Tensor) and _has_symbolic_shape(x) for x in example_inputs):
+        reason = "a tensor input has symbolic sizes"
+        return _without_stream(gm, example_inputs, options, record, reason)
+    if not all(isinstance(x, (torch.Tensor, int, torch.SymInt)) for x in example_inputs):
+        kinds = sorted({type(x).__name__ for x in example_inputs
+                        if not isinstance(x, (torch.Tensor, int, torch.SymInt))})
+        return _without_stream(gm, example_inputs, options, record,
+                               f"inputs of types {', '.join(kinds)}")
+    concrete = [_hint(x) for x in example_inputs]
+    program = _stream_program(gm, concrete, options, record)
+    if program is None:
+        return _without_stream(gm, example_inputs, options, record,
+                               _no_plan_reason(record, options))
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        return StreamPerSize(gm, options, where, concrete, program)
+    return program
+
+
+class StreamPerSize:
+    """A graph with symbolic sizes, streamed: one `StreamProgram` per set of sizes it runs at,
+    planned when those sizes first arrive (the first at compile time).
+
+    A size whose graph cannot be planned (it never happened in the tests: the plan depends on
+    the graph's structure, not its length) runs the captured graph as it is, with a warning.
+    """
+
+    def __init__(self, gm: fx.GraphModule, options: Options, where: str,
+                 example: Sequence[Any], program: StreamProgram):
+        self.gm, self.options, self.where = gm, options, where
+        self.programs: dict[tuple, StreamProgram | None] = {_sizes(example): program}
+
+    def __call__(self, *args: Any) -> Any:
+        key = _sizes(args)
+        if key not in self.programs:
+            record = new_record(self.where)
+            self.programs[key] = _stream_program(self.gm, list(args), self.options, record)
+            if self.programs[key] is None:
+                warn_unmet(record, [(STREAM_PASS, f"at sizes {key}: "
+                                     f"{_no_plan_reason(record, self.options)}; this size runs "
+                                     "the captured graph unchanged")])
+        program = self.programs[key]
+        return self.gm(*args) if program is None else program(*args)
+
+
+def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
+                    record: GraphRecord) -> StreamProgram | None:
+    """Trace `gm` at the sizes of `inputs`, run the stream pipeline, and fill `record`; the
+    program, or None (the record's notes say why) when no plan results."""
+    try:
+        forward, record.passes = run_passes(trace_static(gm, inputs), list(inputs),
+                                            options=options, graph_name=record.name,
+                                            graph="stream")
+    except BaseException:
+        discard_record(record)
+        raise
+    plan = forward.meta.get(STREAM_PLAN)
+    record.notes = list(forward.meta.get(NOTES, []))
+    if plan is None:
+        return None
+    record.kind = "stream"
+    record.stream_plan = plan
+    record.forward = forward
+    record.forward_code = forward.code
+    record.decisions = list(forward.meta.get(DECISIONS, []))
+    if options.runtime == "inductor":
+        record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
+                                          "Inductor)"))
+    if options.dump_dir:
+        record.dump(options.dump_dir)
+    log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
+             "chunked" if plan.head else "whole")
+    warn_unmet(record, forward.meta.get(UNMET, []))
+    return StreamProgram(forward, plan, fused.slots_of(inputs))
+
+
+def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                   graph_name: str) -> tuple[fx.GraphModule, list[Any]]:
+    """The Dynamo graph as a static aten graph, through the stream pipeline; its plan, if one
+    was made, is in `meta[STREAM_PLAN]`. Returns it and the runner's pass records."""
+    return run_passes(trace_static(gm, example_inputs), list(example_inputs), options=options,
+                      graph_name=graph_name, graph="stream")
+
+
+def _no_plan_reason(record: GraphRecord, options: Options) -> str:
+    if STREAM_PASS not in resolve_pipeline(options.passes, options.disable_passes,
+                                           options.runtime, graph="stream"):
+        return (f"the {STREAM_PASS} pass is not in the pipeline (options 'passes'/"
+                "'disable_passes')")
+    return "; ".join(text for name, text in record.notes if name == STREAM_PASS)
+
+
+def _hint(x: Any) -> Any:
+    """A symbolic size as the value Dynamo captured it at (no guard is installed)."""
+    return int(x.node.hint) if isinstance(x, torch.SymInt) else x
+
+
+def _sizes(args: Sequence[Any]) -> tuple:
+    """What a per-size plan is keyed by: each tensor's shape, and each integer input."""
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _has_symbolic_shape(x: torch.Tensor) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in x.shape)
+
+
+def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                    record: GraphRecord, reason: str) -> Any:
+    """Compile as `compile_graph` does, keeping the stream attempt's record and warning why."""
+    log.info("%s: stream not applied: %s", record.name, reason)
+    record.notes.append((STREAM_PASS, f"not applied: {reason}"))
+    return compile_graph(gm, example_inputs, options, record, [(STREAM_PASS, reason)])
