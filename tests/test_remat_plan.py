@@ -149,6 +149,9 @@ def test_tracked_peak_equals_the_plan_meets_the_budget_and_gradients_are_exact(b
     assert max_grad_error(model, ref) <= FLOAT64_TOL
     plan = record.plan
     assert record.simulate().peak_bytes == plan.chosen_peak == tracked_peak(step)
+    # A numeric budget always sets budget_bytes (a check under `if budget_bytes` would pass
+    # silently if it did not).
+    assert (plan.budget_bytes is None) == (budget in (None, "auto"))
     if plan.budget_bytes is not None:
         assert plan.chosen_peak <= plan.budget_bytes
     if budget is None:
