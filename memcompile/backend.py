@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from memcompile.config import Options
 from memcompile.errors import NotAvailableError
+from memcompile.per_size import CompiledPerSize, is_symbolic
 
 
 def check_available(options: Options) -> None:
@@ -40,5 +41,8 @@ def memcompile(
     check_available(opts)
     if opts.stream is True or not isinstance(opts.stream, (bool, str)):
         return compile_stream(gm, example_inputs, opts)
+    if isinstance(opts.memory_budget, int) and is_symbolic(example_inputs):
+        # A byte budget holds at every length: planned again at each length the graph runs at.
+        return CompiledPerSize(gm, opts, memcompile)
     return compile_graph(gm, example_inputs, opts)
 
