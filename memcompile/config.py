@@ -99,8 +99,8 @@ class Options(metaclass=_RejectUnknownKeys):
     save-everything plan's peak (a float: 1.0 is everything), a byte count (an int of at
     least 1 MiB, or a string with a unit such as "512MiB"; a smaller int is refused, since 1
     would be one byte), None (least recompute) or "auto" (least peak for at most one extra
-    forward of recompute). Under dynamic shapes the plan is made at the size hint of the
-    graph's symbolic sizes (the length of the call that compiled it)."""
+    forward of recompute). A byte budget holds at every length: a graph with symbolic sizes is
+    planned again at each length it runs at (`memcompile.per_size`)."""
     stream: bool | str | StreamOptions = "auto"
     """StreamBP: "auto", True, False or a dict of `StreamOptions` fields."""
     sequence_parallel: bool | Mapping[str, Any] = False
