@@ -83,6 +83,19 @@ def worst_error(loss: torch.Tensor, ref_loss: torch.Tensor, model: nn.Module,
     return errors[name], name
 
 
+def step_error(step: Callable[[Any], torch.Tensor], model: nn.Module, ref_model: nn.Module,
+               batch: Mapping[str, Any]) -> tuple[float, str]:
+    """`step(batch)`, a compiled loss of `model`, and `ref_model(**batch).loss` eagerly, each
+    backpropagated from no gradients: the worst relative error (`worst_error`)."""
+    model.zero_grad(set_to_none=True)
+    ref_model.zero_grad(set_to_none=True)
+    loss = step(batch)
+    loss.backward()
+    ref_loss = ref_model(**batch).loss
+    ref_loss.backward()
+    return worst_error(loss.detach(), ref_loss.detach(), model, ref_model)
+
+
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
     """Call ``model`` with a dict (as keywords), a tuple/list (as positionals) or one value."""
     if isinstance(inputs, Mapping):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FLOAT64_TOL, clone_model, worst_error
+from helpers import FLOAT64_TOL, clone_model, step_error
 
 import memcompile
 from memcompile.measure import tracked_peak
@@ -38,13 +38,7 @@ def test_a_byte_budget_holds_at_every_length_of_one_compiled_function():
 
             peak = tracked_peak(train_step)
             assert peak <= BUDGET, f"{length} tokens: tracked peak {peak:,} B over the budget"
-            model.zero_grad(set_to_none=True)
-            ref.zero_grad(set_to_none=True)
-            loss = step(batch)
-            loss.backward()
-            ref_loss = ref(**batch).loss
-            ref_loss.backward()
-            err, where = worst_error(loss.detach(), ref_loss.detach(), model, ref)
+            err, where = step_error(step, model, ref, batch)
             assert err <= FLOAT64_TOL, f"{length} tokens: {err:.3e} at {where}"
         with pytest.raises(memcompile.MemoryBudgetError,
                            match=r"cannot be met: the least achievable peak is .* \(at input "

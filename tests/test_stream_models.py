@@ -110,7 +110,7 @@ def test_stream_stays_on_through_dynamic_recompiles():
     """The second length makes Dynamo recompile with a symbolic length; the graph is planned
     once per length it runs at, so every length streams, exactly (float64: the built-in model's
     norm computes in its own dtype)."""
-    from helpers import FLOAT64_TOL
+    from helpers import FLOAT64_TOL, step_error
 
     from memcompile.models import build_model, make_batch
 
@@ -124,13 +124,7 @@ def test_stream_stays_on_through_dynamic_recompiles():
         warnings.simplefilter("error", memcompile.MemcompileWarning)
         for length in lengths:
             batch = make_batch("tiny", seq_len=length)
-            model.zero_grad()
-            ref.zero_grad()
-            loss = step(batch)
-            loss.backward()
-            ref_loss = ref(**batch).loss
-            ref_loss.backward()
-            err, where = worst_error(loss.detach(), ref_loss.detach(), model, ref)
+            err, where = step_error(step, model, ref, batch)
             assert err <= FLOAT64_TOL, f"{length} tokens: {err:.3e} at {where}"
     assert [r.kind for r in records] == ["stream"] * 4  # 48 comes back: its plan is reused
     assert [r.stream_plan.info.length for r in records] == [32, 48, 64, 40]
