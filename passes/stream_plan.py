@@ -146,8 +146,17 @@ def stream_options(options: Options) -> StreamOptions:
     return options.stream if isinstance(options.stream, StreamOptions) else StreamOptions()
 
 
-def _activations(graph: fx.Graph, info: SequenceInfo, grad_inputs: set[fx.Node]) -> set[fx.Node]:
-    from_params: set[fx.Node] = set(grad_inputs)
+def _weights(placeholders: list[fx.Node], example_inputs: list[Any]) -> set[fx.Node]:
+    """The inputs that are weights: those that require grad, and frozen parameters (a LoRA
+    model's base weights), which make activations as much as trained ones do."""
+    return {p for p, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor)
+            and (x.requires_grad or isinstance(x, torch.nn.Parameter))}
+
+
+def _activations(graph: fx.Graph, info: SequenceInfo, weights: set[fx.Node]) -> set[fx.Node]:
+    """Values computed from a weight and a token input: what a layer's chunks recompute (values
+    from the inputs alone, such as masks and rotary tables, are computed whole)."""
+    from_params: set[fx.Node] = set(weights)
     from_tokens: set[fx.Node] = {n for n in info.dims if n.op == "placeholder"}
     for node in graph.nodes:
         if node.op == "call_function":
@@ -349,8 +358,7 @@ def plan_batch(gm: fx.GraphModule, example_inputs: list[Any], options: Options
     """
     gm.graph.eliminate_dead_code()
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    params = {p for p, x in zip(placeholders, example_inputs)
-              if isinstance(x, torch.Tensor) and x.requires_grad}
+    params = _weights(placeholders, example_inputs)
     info = analyze_sequence(gm.graph, dim="batch", parameters=params)
     if info is None:
         record_note(gm, STREAM_PASS, "no batched input of rank 2 or more: no batch to chunk")
@@ -436,9 +444,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
         record_note(gm, STREAM_PASS, "no integer (batch, length) input: no sequence to chunk")
         return None
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    grad_inputs = {p for p, x in zip(placeholders, example_inputs)
-                   if isinstance(x, torch.Tensor) and x.requires_grad}
-    activations = _activations(gm.graph, info, grad_inputs)
+    activations = _activations(gm.graph, info, _weights(placeholders, example_inputs))
     nodes = list(gm.graph.nodes)
     cuts = _cuts(nodes, activations, info)
     attentions = [n for n in nodes if n in activations and n.target in ATTENTION_OPS]

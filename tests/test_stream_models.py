@@ -128,3 +128,45 @@ def test_stream_stays_on_through_dynamic_recompiles():
             assert err <= FLOAT64_TOL, f"{length} tokens: {err:.3e} at {where}"
     assert [r.kind for r in records] == ["stream"] * 4  # 48 comes back: its plan is reused
     assert [r.stream_plan.info.length for r in records] == [32, 48, 64, 40]
+
+
+def test_a_lora_model_streams_and_frozen_weights_get_no_gradient():
+    """PEFT LoRA: the base weights are frozen parameters, the adapters train. Frozen weights
+    still make activations (the residual stream after a frozen embedding is one), so every
+    layer streams; only the adapters get gradients."""
+    peft = pytest.importorskip("peft")
+
+    def lora(model):
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return peft.get_peft_model(model, config)
+
+    eager32 = lora(build_hf_model("llama", dtype=torch.float32, seed=0))
+    ref64 = clone_model(eager32, dtype=torch.float64)
+    model = clone_model(eager32)
+    batch = _batch(None)
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: _loss(model, b), backend="memcompile",
+                         options={"runtime": "eager", "stream": {"chunk_size": 5}})
+    with recording() as records, warnings.catch_warnings():
+        warnings.simplefilter("error", memcompile.MemcompileWarning)
+        loss = step(clone_inputs(batch))
+    loss.backward()
+    (record,) = records
+    assert record.kind == "stream"
+    assert len(record.stream_plan.layers) == model.config.num_hidden_layers
+    assert record.stream_plan.head is not None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
+
+    loss64 = _loss(ref64, clone_inputs(batch))
+    loss64.backward()
+    loss32 = _loss(eager32, clone_inputs(batch))
+    loss32.backward()
+    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
+    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
+    assert err <= float32_tolerance(eager_err), (
+        f"worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
