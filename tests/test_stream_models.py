@@ -43,6 +43,26 @@ def test_concatenating_onto_an_empty_tensor_keeps_the_sequence():
     assert info.unknown_reason[joined] == "concatenates along the sequence"
 
 
+def test_stack_and_topk_are_token_local_away_from_the_sequence():
+    """ids (1, 8) -> x (1, 8, 4); stack([x, x], -1) -> (1, 8, 4, 2) keeps the sequence in dim 1
+    (interleaved rotary embeddings); topk over the hidden size is per token (expert routing);
+    topk over the sequence is not."""
+    def f(ids, emb):
+        x = F.embedding(ids, emb)
+        pairs = torch.stack([x, x], -1)
+        values, _ = x.topk(2, dim=-1)
+        over_tokens, _ = x.topk(2, dim=1)
+        return pairs.sum() + values.sum() + over_tokens.sum()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.zeros(1, 8, dtype=torch.long), torch.randn(10, 4))
+    info = analyze_sequence(gm.graph)
+    stack = next(n for n in gm.graph.nodes if n.target is aten.stack.default)
+    per_token, over_tokens = [n for n in gm.graph.nodes if n.target is aten.topk.default]
+    assert info.effects[stack] == "local" and info.dim_of(stack) == SeqDim(1)
+    assert info.effects[per_token] == "local"
+    assert info.effects[over_tokens] == "unknown"
+
+
 def _batch(padding: str | None, length: int = 14) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, VOCAB, (2, length), generator=gen)

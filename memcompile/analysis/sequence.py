@@ -37,10 +37,15 @@ Effect = Literal["local", "mixes", "reduces", "unknown"]
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, aten._to_copy.default,
-               aten.detach.default, aten.contiguous.default, aten.lift_fresh_copy.default)
+               aten.detach.default, aten.contiguous.default, aten.lift_fresh_copy.default,
+               aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+               aten.full_like.default)
 _REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default)
 _ALONG_DIM = (aten._log_softmax.default, aten._softmax.default, aten.cumsum.default)
 """Ops computing along one dimension, token-local unless that dimension is the sequence."""
+_SELECT_ALONG = {aten.topk.default: 2, aten.sort.default: 1}
+"""Ops choosing along one dimension (argument position of the dimension), with two outputs of
+the input's shape there: token-local unless that dimension is the sequence."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,14 @@ class _Rules:
             return self._slice(node, seq0)
         if target is aten.cat.default:
             return self._cat(node)
+        if target is aten.stack.default:
+            return self._stack(node)
+        if target in _SELECT_ALONG:
+            position = _SELECT_ALONG[target]
+            dim = (node.args[position] if len(node.args) > position else -1) % len(_shape(first))
+            if dim == seq0.dim:
+                return "unknown", None, f"{target} chooses along the sequence"
+            return "local", (seq0, seq0), ""
         if target is aten.gather.default:
             if node.args[1] % len(_shape(first)) == seq0.dim:
                 return "unknown", None, "gathers along the sequence"
@@ -292,6 +305,17 @@ class _Rules:
         if node.target is aten.select.int:
             return "local", seq.moved(seq.dim - (1 if dim < seq.dim else 0)), ""
         return "local", seq, ""
+
+    def _stack(self, node: fx.Node) -> tuple[Effect, SeqDim | None, str]:
+        """Stacking tensors of one sequence dimension (interleaved rotary embeddings) inserts a
+        dimension: token-local, the sequence moved past it."""
+        tensors = node.args[0]
+        seqs = {self.info.dims.get(t) for t in tensors}
+        if len(seqs) != 1 or None in seqs:
+            return "unknown", None, "stacks tensors with different sequence dimensions"
+        seq = seqs.pop()
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(_shape(node))
+        return "local", seq.moved(seq.dim + (1 if dim <= seq.dim else 0)), ""
 
     def _cat(self, node: fx.Node) -> tuple[Effect, SeqDim | None, str]:
         tensors = node.args[0]
