@@ -30,10 +30,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memcompile.analysis.memory import tensor_bytes
 from memcompile.errors import MemcompileWarning
+from memcompile.meta import Decision, record_decision
 from memcompile.optim import fused
 
 log = logging.getLogger(__name__)
+
+PASS_NAME = "fuse_optimizer_updates"
+"""The name decisions are recorded under: the pass that makes the same updates in a backward
+graph (`passes.fused_updates`)."""
 
 RegionUpdates = Mapping[fx.Node, int]
 """The weights (graph inputs) a region's backward updates, with their registry slots."""
@@ -56,7 +62,8 @@ class StreamUpdates:
 def plan_updates(gm: fx.GraphModule, slots: Mapping[int, int], owner: Mapping[fx.Node, Any]
                  ) -> StreamUpdates:
     """Decide where each weight of `slots` (graph input index -> registry slot) is updated;
-    `owner` maps a node to the region runner that runs it (nodes outside regions are absent)."""
+    `owner` maps a node to the region runner that runs it (nodes outside regions are absent).
+    Each decision is recorded in `gm.meta` (a "fused update" `Decision` per weight)."""
     updates = StreamUpdates()
     placeholders = gm.graph.find_nodes(op="placeholder")
     for index, slot in sorted(slots.items()):
@@ -67,11 +74,22 @@ def plan_updates(gm: fx.GraphModule, slots: Mapping[int, int], owner: Mapping[fx
                           f"applied under stream: {reason}; its optimizer steps it from .grad "
                           "in step()", MemcompileWarning, stacklevel=2)
             continue
-        readers = {id(owner[u].region) if u in owner else None for u in node.users}
-        if len(readers) == 1 and None not in readers:
-            updates.by_region.setdefault(readers.pop(), {})[node] = slot
-        elif readers:
+        regions = {id(owner[u].region): owner[u].region for u in node.users if u in owner}
+        outside = [u for u in node.users if u not in owner]
+        if len(regions) == 1 and not outside:
+            (key, region), = regions.items()
+            updates.by_region.setdefault(key, {})[node] = slot
+            where = f"by the {region.kind} reading it, as soon as its backward is done"
+        elif node.users:
             updates.on_grad[node] = slot
+            where = (f"on its summed gradient, after all its readers ({len(regions)} region(s), "
+                     f"{len(outside)} op(s) outside regions)")
+        else:
+            continue
+        record_decision(gm, Decision(
+            PASS_NAME, "fused update", node.name, tensor_bytes(node),
+            f"{fused.name_of(slot)} is updated inside the streamed backward {where}; its "
+            "gradient is dropped there"))
     log.info("stream: %d weight(s) updated by their region's backward, %d on their summed "
              "gradient", sum(map(len, updates.by_region.values())), len(updates.on_grad))
     return updates

@@ -179,3 +179,49 @@ def _hf_batch(model, length, seed):
     ids = torch.randint(0, model.config.vocab_size, (1, length),
                         generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
+
+
+def test_where_each_weight_is_updated_is_decided_from_its_readers():
+    """
+        def f(ids, tied, w, shared):
+            h = embedding(tied, ids)            # outside every region
+            a = h @ w.t() @ shared.t()          # region A: w, shared
+            return (a @ shared.t() @ tied.t()).sum()   # region B: shared, tied
+
+    w is read by region A only: updated by A's backward. shared (A and B) and tied (B and an op
+    outside regions) are updated on their summed gradient. Each gets a recorded decision.
+    """
+    from types import SimpleNamespace
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memcompile.meta import DECISIONS
+    from memcompile.optim import fused
+    from memcompile.runtime.stream_fused import plan_updates
+
+    def f(ids, tied, w, shared):
+        h = torch.nn.functional.embedding(ids, tied)
+        a = h @ w.t() @ shared.t()
+        return (a @ shared.t() @ tied.t()).sum()
+
+    weights = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    inputs = [torch.zeros(1, 4, dtype=torch.long), *weights]
+    gm = make_fx(f)(*inputs)
+    opt = lowrank(torch.optim.AdamW(weights), params=weights, rank=2, fused_backward=True)
+    nodes = list(gm.graph.nodes)
+    mm = [n for n in nodes if n.target is torch.ops.aten.mm.default]
+    a, b = SimpleNamespace(kind="layer"), SimpleNamespace(kind="head")
+    owner = {}
+    for node in nodes:
+        if node.op == "call_function" and node.target is not torch.ops.aten.embedding.default:
+            region = a if nodes.index(node) <= nodes.index(mm[1]) else b
+            owner[node] = SimpleNamespace(region=region)
+    updates = plan_updates(gm, fused.slots_of(inputs), owner)
+    tied, w, shared = gm.graph.find_nodes(op="placeholder")[1:]
+    assert updates.of(a) == {w: fused.slot_of(weights[1])} and updates.of(b) == {}
+    assert set(updates.on_grad) == {tied, shared}
+    decisions = gm.meta[DECISIONS]
+    assert [d.node for d in decisions] == [tied.name, w.name, shared.name]
+    assert all(d.kind == "fused update" and d.bytes == 8 * 8 * 4 for d in decisions)
+    assert "by the layer reading it" in decisions[1].reason
+    del opt
