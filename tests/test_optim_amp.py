@@ -30,10 +30,11 @@ def compiled(model, mode):
                                                           if MODES[mode] else {}))
 
 
-def optimizer(model, *, fused, scaler=None, lr=1e-2):
+def optimizer(model, *, fused, scaler=None, lr=1e-2, micro_batches=1, max_grad_norm=None):
     return lowrank(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1), model=model,
                    rank=8, update_proj_gap=2, fused_backward=fused,
-                   grad_scaler=scaler if fused else None)
+                   grad_scaler=scaler if fused else None, max_grad_norm=max_grad_norm,
+                   micro_batches=micro_batches if fused else 1)
 
 
 def projected(opt):
@@ -76,16 +77,19 @@ def last_handed(mode, handed):
     return name
 
 
-def scaled_steps(mode, *, steps, handed=None, overflow_at=None, poison=None):
+def scaled_steps(mode, *, steps, handed=None, overflow_at=None, poison=None, micro_batches=1,
+                 max_grad_norm=None):
     """`steps` GradScaler steps of a float64 tiny Llama (scale 1024, doubled after every 2 good
     steps); mode None: the unfused optimizer, eagerly. At step `overflow_at` the gradient of the
     weight named `poison` gets an inf (fused: as it is handed over; unfused: in `.grad`).
-    Returns the model, the optimizer, the scale after each update and, per step, the names of
-    the parameters that changed."""
+    `micro_batches` backward passes per step; `max_grad_norm` clips. Returns the model, the
+    optimizer, the scale after each update and, per step, the names of the parameters that
+    changed."""
     torch.manual_seed(0)
     model = build_model("tiny", dtype=torch.float64)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    opt = optimizer(model, fused=mode is not None, scaler=scaler)
+    opt = optimizer(model, fused=mode is not None, scaler=scaler, micro_batches=micro_batches,
+                    max_grad_norm=max_grad_norm)
     run = compiled(model, mode) if mode else model
     params = dict(model.named_parameters())
     scales, changed = [], []
@@ -93,7 +97,9 @@ def scaled_steps(mode, *, steps, handed=None, overflow_at=None, poison=None):
         if handed is not None:
             handed.clear()
             handed.poison = params[poison] if step == overflow_at else None
-        scaler.scale(run(**make_batch("tiny", seq_len=20, seed=step)).loss).backward()
+        for m in range(micro_batches):
+            loss = run(**make_batch("tiny", seq_len=20, seed=step * micro_batches + m)).loss
+            scaler.scale(loss / micro_batches).backward()
         if mode is None and step == overflow_at:
             params[poison].grad[0, 0] = float("inf")
         if handed is not None and step == overflow_at:
@@ -115,12 +121,18 @@ def all_finite(model):
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_fused_updates_with_a_grad_scaler_give_the_unfused_parameters(mode):
+@pytest.mark.parametrize("mode,micro_batches,max_grad_norm", [
+    ("partition", 1, None), ("stream", 1, None), ("partition", 2, 0.5), ("stream", 1, 0.5),
+])
+def test_fused_updates_with_a_grad_scaler_give_the_unfused_parameters(mode, micro_batches,
+                                                                      max_grad_norm):
     """float64, 4 steps through refreshes at steps 0 and 2, the scale growing from 1024 to
-    4096: the same unscaling kernel and scale, the same steps."""
-    reference, _, ref_scales, _ = scaled_steps(None, steps=4)
-    model, _, scales, _ = scaled_steps(mode, steps=4)
+    4096: the same unscaling kernel and scale, the same steps (with accumulation and clipping
+    too: the unfused optimizer sums the scaled `.grad`s and unscales once, the fused one
+    unscales each micro-batch's gradient; the scale is a power of two, so both are exact)."""
+    options = dict(micro_batches=micro_batches, max_grad_norm=max_grad_norm)
+    reference, _, ref_scales, _ = scaled_steps(None, steps=4, **options)
+    model, _, scales, _ = scaled_steps(mode, steps=4, **options)
     assert scales == ref_scales == [1024.0, 2048.0, 2048.0, 4096.0]
     assert max_param_error(model, reference) <= FLOAT64_TOL
 

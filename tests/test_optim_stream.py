@@ -225,3 +225,33 @@ def test_where_each_weight_is_updated_is_decided_from_its_readers():
     assert all(d.kind == "fused update" and d.bytes == 8 * 8 * 4 for d in decisions)
     assert "by the layer reading it" in decisions[1].reason
     del opt
+
+
+def test_a_loss_streamed_along_the_batch_updates_its_weights_inside_the_backward(handovers):
+    """CLIP-style dual encoder, its towers run 4 of 13 samples at a time (`StreamBatch`): the
+    projected weights are updated at the end of the region's backward, once per step, with the
+    parameters of the same streamed run unfused (float64, 3 steps)."""
+    from memcompile.losses import contrastive_loss
+    from memcompile.models.clip import DualEncoder
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = DualEncoder().double()
+        weights = [p for p in model.parameters() if p.dim() == 2 and min(p.shape) >= 8]
+        opt = lowrank_of(model, fused, params=weights)
+        step = compile_memcompile(
+            lambda images, ids: contrastive_loss(*model(images, ids), model.logit_scale),
+            runtime="eager", stream={"dim": "batch", "chunk_size": 4})
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            images = torch.randn(13, 3, 16, 16, generator=gen, dtype=torch.float64)
+            step(images, torch.randint(0, 100, (13, 8), generator=gen)).backward()
+            assert all((p.grad is None) == fused for p in weights)
+            opt.step()
+            opt.zero_grad()
+        return model, weights
+
+    reference, _ = run(False)
+    model, weights = run(True)
+    assert max_param_error(model, reference) <= FLOAT64_TOL
+    assert [handovers[id(p)] for p in weights] == [3] * len(weights)
