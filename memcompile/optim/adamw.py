@@ -273,8 +273,6 @@ class GaLoreAdamW(Optimizer):
         """
         group = self._projected_group(p)
         spec = projector_spec(group)
-        pending = self._pending.setdefault(p, {"count": 0})
-        pending["count"] += 1
         scaler = self.grad_scaler if amp.active(self.grad_scaler) else None
         found: dict[torch.device, torch.Tensor] = {}
         if scaler is not None:
@@ -288,6 +286,8 @@ class GaLoreAdamW(Optimizer):
                 "fused update refused it, leaving the weight and its state as they were (weights "
                 "updated earlier in this backward kept their finite step). With float16 and a "
                 "torch.amp.GradScaler, pass grad_scaler=scaler to memcompile.optim.lowrank")
+        pending = self._pending.setdefault(p, {"count": 0})
+        pending["count"] += 1
         if not self.defers_fused_updates:
             if pending["count"] > 1:
                 raise RuntimeError(
