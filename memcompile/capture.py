@@ -64,9 +64,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     """
     if record is None:
         record = new_record(origin(gm))
-    fused_slots = {i: slot for i, t in enumerate(example_inputs)
-                   if (slot := fused.slot_of(t)) is not None}
-    partitioner = MemcompilePartitioner(options, record, fused_slots)
+    partitioner = MemcompilePartitioner(options, record, fused.slots_of(example_inputs))
     log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
              options.runtime)
     cache_hits = _aot_cache_hits()

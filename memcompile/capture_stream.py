@@ -101,16 +101,17 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     record.stream_plan = plan
     record.forward = forward
     record.forward_code = forward.code
-    record.decisions = list(forward.meta.get(DECISIONS, []))
     if options.runtime == "inductor":
         record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
                                           "Inductor)"))
-    if options.dump_dir:
-        record.dump(options.dump_dir)
     log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
              "chunked" if plan.head else "whole")
+    program = StreamProgram(forward, plan, fused.slots_of(inputs))  # records fused updates
+    record.decisions = list(forward.meta.get(DECISIONS, []))
+    if options.dump_dir:
+        record.dump(options.dump_dir)
     warn_unmet(record, forward.meta.get(UNMET, []))
-    return StreamProgram(forward, plan, fused.slots_of(inputs))
+    return program
 
 
 def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,

@@ -47,6 +47,8 @@ def test_a_streamed_step_runs_its_passes_through_the_runner_with_dumps(tmp_path)
     assert {"02_stream_plan_before.py", "02_stream_plan_after.py", "forward.py",
             "decisions.tsv"} <= files
     assert "backward.py" not in files  # the stream runtime runs the plan, not a backward graph
+    rows = (tmp_path / record.name / "decisions.tsv").read_text().splitlines()[1:]
+    assert len(rows) == len(record.decisions) and any("\tchunked\t" in r for r in rows)
 
 
 def test_disabling_the_stream_plan_warns_and_runs_the_joint_pipeline():
