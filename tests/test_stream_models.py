@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import clone_inputs, clone_model, float32_tolerance, worst_error
+from helpers import assert_float32_rule, clone_inputs, clone_model
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import memcompile
@@ -100,14 +100,7 @@ def test_a_default_config_with_its_cache_on_streams_every_layer(arch, padding):
     assert sum(r.startswith("layer") for r in chunked) == model.config.num_hidden_layers
     assert chunked[-1].startswith("head: computed")
 
-    loss64 = _loss(ref64, clone_inputs(batch))
-    loss64.backward()
-    loss32 = _loss(eager32, clone_inputs(batch))
-    loss32.backward()
-    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
-    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
-    assert err <= float32_tolerance(eager_err), (
-        f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    assert_float32_rule(loss, model, eager32, ref64, batch, arch)
 
 
 def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
@@ -182,11 +175,4 @@ def test_a_lora_model_streams_and_frozen_weights_get_no_gradient():
     assert trained and all("lora_" in n for n in trained)
     assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
 
-    loss64 = _loss(ref64, clone_inputs(batch))
-    loss64.backward()
-    loss32 = _loss(eager32, clone_inputs(batch))
-    loss32.backward()
-    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
-    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
-    assert err <= float32_tolerance(eager_err), (
-        f"worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    assert_float32_rule(loss, model, eager32, ref64, batch, "lora")

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import clone_inputs, clone_model, float32_tolerance, worst_error
+from helpers import assert_float32_rule, clone_inputs, clone_model
 
 import memcompile
 from memcompile.report import recording
@@ -124,11 +124,4 @@ def test_zoo_streams_or_says_why(arch):
     if arch in NO_FLOAT64:
         return
     ref64 = clone_model(eager32, dtype=torch.float64)
-    loss64 = _loss(ref64, clone_inputs(batch))
-    loss64.backward()
-    loss32 = _loss(eager32, clone_inputs(batch))
-    loss32.backward()
-    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
-    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
-    assert err <= float32_tolerance(eager_err), (
-        f"{arch}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    assert_float32_rule(loss, model, eager32, ref64, batch, arch)
