@@ -24,6 +24,7 @@ from memcompile.capture import compile_graph, trace_static
 from memcompile.config import Options
 from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
+from memcompile.per_size import sizes_key
 from memcompile.passes.registry import resolve_pipeline
 from memcompile.passes.stream_plan import STREAM_PASS
 from memcompile.report import GraphRecord, discard_record, new_record
@@ -67,10 +68,10 @@ class StreamPerSize:
     def __init__(self, gm: fx.GraphModule, options: Options, where: str,
                  example: Sequence[Any], program: StreamProgram):
         self.gm, self.options, self.where = gm, options, where
-        self.programs: dict[tuple, StreamProgram | None] = {_sizes(example): program}
+        self.programs: dict[tuple, StreamProgram | None] = {sizes_key(example): program}
 
     def __call__(self, *args: Any) -> Any:
-        key = _sizes(args)
+        key = sizes_key(args)
         if key not in self.programs:
             record = new_record(self.where)
             self.programs[key] = _stream_program(self.gm, list(args), self.options, record)
@@ -87,9 +88,7 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     """Trace `gm` at the sizes of `inputs`, run the stream pipeline, and fill `record`; the
     program, or None (the record's notes say why) when no plan results."""
     try:
-        forward, record.passes = run_passes(trace_static(gm, inputs), list(inputs),
-                                            options=options, graph_name=record.name,
-                                            graph="stream")
+        forward, record.passes = stream_forward(gm, inputs, options, record.name)
     except BaseException:
         discard_record(record)
         raise
@@ -133,11 +132,6 @@ def _no_plan_reason(record: GraphRecord, options: Options) -> str:
 def _hint(x: Any) -> Any:
     """A symbolic size as the value Dynamo captured it at (no guard is installed)."""
     return int(x.node.hint) if isinstance(x, torch.SymInt) else x
-
-
-def _sizes(args: Sequence[Any]) -> tuple:
-    """What a per-size plan is keyed by: each tensor's shape, and each integer input."""
-    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _has_symbolic_shape(x: torch.Tensor) -> bool:

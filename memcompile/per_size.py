@@ -32,6 +32,11 @@ def is_symbolic(example_inputs: Sequence[Any]) -> bool:
         for x in example_inputs)
 
 
+def sizes_key(args: Sequence[Any]) -> tuple:
+    """What a per-size compile is keyed by: each tensor's shape, and each integer input."""
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     """A copy of `gm` whose integer inputs are the constants of `args` (the sizes of one call);
     it takes the other inputs, in order."""
@@ -58,7 +63,7 @@ class CompiledPerSize:
         self.compiled: dict[tuple, Callable[..., Any]] = {}
 
     def __call__(self, *args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key = sizes_key(args)
         fn = self.compiled.get(key)
         if fn is None:
             fn = torch.compile(specialize(self.gm, args), backend=self.backend, dynamic=False,

@@ -79,6 +79,20 @@ def _loss(model, batch):
     return model(**batch).loss
 
 
+def _streamed_step(model, batch, stream: dict):
+    """One compiled step under `stream` on the eager runtime, backpropagated; no
+    MemcompileWarning may fire. Its loss and its graph's record."""
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: _loss(model, b), backend="memcompile",
+                         options={"runtime": "eager", "stream": stream})
+    with recording() as records, warnings.catch_warnings():
+        warnings.simplefilter("error", memcompile.MemcompileWarning)
+        loss = step(clone_inputs(batch))
+    loss.backward()
+    (record,) = records
+    return loss, record
+
+
 @pytest.mark.parametrize("arch,padding", [("llama", None), ("qwen2", "left")])
 def test_a_default_config_with_its_cache_on_streams_every_layer(arch, padding):
     eager32 = build_hf_model(arch, dtype=torch.float32, seed=0, use_cache=True)
@@ -86,15 +100,7 @@ def test_a_default_config_with_its_cache_on_streams_every_layer(arch, padding):
     ref64 = clone_model(eager32, dtype=torch.float64)
     model = clone_model(eager32)
     batch = _batch(padding)
-    torch._dynamo.reset()
-    step = torch.compile(lambda b: _loss(model, b), backend="memcompile",
-                         options={"runtime": "eager",
-                                  "stream": {"chunk_size": 5, "logits_chunk_size": 4}})
-    with recording() as records, warnings.catch_warnings():
-        warnings.simplefilter("error", memcompile.MemcompileWarning)
-        loss = step(clone_inputs(batch))
-    loss.backward()
-    (record,) = records
+    loss, record = _streamed_step(model, batch, {"chunk_size": 5, "logits_chunk_size": 4})
     assert record.kind == "stream"
     chunked = [d.reason for d in record.decisions if d.kind == "chunked"]
     assert sum(r.startswith("layer") for r in chunked) == model.config.num_hidden_layers
@@ -160,14 +166,7 @@ def test_a_lora_model_streams_and_frozen_weights_get_no_gradient():
     ref64 = clone_model(eager32, dtype=torch.float64)
     model = clone_model(eager32)
     batch = _batch(None)
-    torch._dynamo.reset()
-    step = torch.compile(lambda b: _loss(model, b), backend="memcompile",
-                         options={"runtime": "eager", "stream": {"chunk_size": 5}})
-    with recording() as records, warnings.catch_warnings():
-        warnings.simplefilter("error", memcompile.MemcompileWarning)
-        loss = step(clone_inputs(batch))
-    loss.backward()
-    (record,) = records
+    loss, record = _streamed_step(model, batch, {"chunk_size": 5})
     assert record.kind == "stream"
     assert len(record.stream_plan.layers) == model.config.num_hidden_layers
     assert record.stream_plan.head is not None
