@@ -67,19 +67,46 @@ def dpo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: torch
     return -F.logsigmoid(beta * margin).mean()
 
 
+GRPO_LOSS_TYPES = ("grpo", "dapo")
+"""How `grpo_loss` averages its per-token terms (TRL's `loss_type` of the same name)."""
+
+
 def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
-              old_logps: torch.Tensor, ref_logps: torch.Tensor | None = None, *,
-              beta: float = 0.04, epsilon: float = 0.2) -> torch.Tensor:
-    """GRPO's clipped per-token objective with a KL term (TRL's `loss_type="grpo"`).
+              old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None = None, *,
+              beta: float = 0.04, epsilon: float = 0.2, loss_type: str = "grpo",
+              num_items_in_batch: torch.Tensor | float | None = None,
+              kl_bias_correction: bool = False) -> torch.Tensor:
+    """GRPO's clipped per-token objective with a KL term to a frozen reference.
 
     `advantages` is `(batch,)`, one per completion; `old_logps` and `ref_logps` are
     `(batch, length)` log-probs of the labels under the sampling policy and the frozen
-    reference (`ref_logps` may be None when `beta` is 0). Each completion's token mean is
-    averaged over the batch.
+    reference, aligned with the labels (`ref_logps` may be None when `beta` is 0).
+    `old_logps=None` is the on-policy step (one optimization step per generation): the policy's
+    own log-probs, detached, so every ratio is 1 and only its gradient acts.
+
+    Per token: `-min(r * A, clip(r, 1 - epsilon, 1 + epsilon) * A)` with `r = exp(logp - old)`,
+    plus `beta * (exp(ref - logp) - (ref - logp) - 1)`; with `kl_bias_correction` the KL term
+    is multiplied by `r` (differentiable), as TRL's `use_bias_correction_kl` does.
+
+    `loss_type` says how the scored tokens' terms are averaged:
+
+    - `"grpo"` (the default here): each completion's token mean, averaged over the batch.
+    - `"dapo"` (the default of TRL's `GRPOConfig`): their sum over the batch divided by
+      `num_items_in_batch`, the number of scored tokens; left None, those of this batch. With
+      gradient accumulation, pass the count over all micro-batches of the step (and, with data
+      parallelism, that global count divided by the number of ranks), as TRL does.
+
+    The defaults here (`"grpo"`, `beta=0.04`, no bias correction) are the ones this function
+    has always had. TRL 1.16's `GRPOConfig` defaults differ: `loss_type="dapo"`, `beta=0.0` and
+    `use_bias_correction_kl=True` (here `kl_bias_correction=True`).
     """
-    mask = (labels != IGNORE_INDEX).to(old_logps.dtype)
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; valid: "
+                         f"{list(GRPO_LOSS_TYPES)}")
     logps = token_logps(logits, labels)
-    ratio = torch.exp(logps - old_logps)
+    mask = (labels != IGNORE_INDEX).to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
     adv = advantages[:, None]
     per_token = -torch.minimum(ratio * adv, clipped * adv)
@@ -87,9 +114,15 @@ def grpo_loss(logits: torch.Tensor, labels: torch.Tensor, advantages: torch.Tens
         if ref_logps is None:
             raise ValueError("grpo_loss with beta != 0 needs ref_logps")
         delta = ref_logps - logps
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
-    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    return per_sequence.mean()
+        kl = torch.exp(delta) - delta - 1
+        if kl_bias_correction:
+            kl = kl * ratio
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_sequence.mean()
+    count = mask.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+    return (per_token * mask).sum() / count
 
 
 def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
