@@ -12,15 +12,17 @@ The graph is read, never the model's classes (`analysis.sequence` supplies the f
   and values for the prefix, from its saved input only.
 - The *head* runs from the last layer's output to the graph's outputs: token-local ops, then
   reductions over the sequence (the loss), then a tail on the reduced values. It runs chunk by
-  chunk, so the `(T, vocabulary)` logits never exist.
+  chunk, so the `(T, vocabulary)` logits never exist, or, when the model returns them beside
+  its loss (the form trainers call), exist only as the value returned to the caller: written
+  chunk by chunk, with no gradient, log-softmax or other whole-length value kept for the
+  backward.
 
 With `stream={"dim": "batch"}` the plan is along the batch instead (`plan_batch`): the
 per-sample part of a graph whose loss couples the samples (a contrastive loss) runs a chunk of
 samples at a time.
 
 A layer holding an op the analysis does not know, or attention that is not over the sequence,
-is not chunked; the report says which op and why. A head whose non-scalar values are graph
-outputs (a model that returns its logits) is not chunked either: those values must exist whole.
+is not chunked; the report says which op and why.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ class Region:
     affine_tail: bool = False
     """Head only: whether the outputs are affine in the reduced values (their gradients are
     then constants, known before the chunks run)."""
+    sequence_outputs: list[fx.Node] = field(default_factory=list)
+    """Head only: outputs computed token by token before the reductions (the logits a model
+    returns beside its loss), written chunk by chunk into whole-length buffers for the caller;
+    nothing of them is kept for the backward."""
 
 
 @dataclass
@@ -252,13 +258,14 @@ def _head_problem(region: Region, info: SequenceInfo, activations: set[fx.Node])
     """Why the head cannot run chunk by chunk, or None if it can."""
     if not region.reductions:
         return "no op reduces over the sequence after the last layer (no loss in the graph)"
+    after = _descendants(region.reductions, set(region.nodes))
     for out in region.outputs:
         val = out.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(info.dim_of(out), SeqDim):
-            return (f"{out.name} {tuple(val.shape)} is an output of the graph and holds the "
-                    "sequence (logits returned by the model); compile a function that returns "
-                    "only the loss to chunk the head")
-    after = _descendants(region.reductions, set(region.nodes))
+        if out in after or not isinstance(val, torch.Tensor) or info.dim_of(out) is None:
+            continue
+        if not isinstance(info.dim_of(out), SeqDim) or out not in activations:
+            return (f"{out.name} {tuple(val.shape)} is an output of the graph that holds the "
+                    "sequence in a form the head cannot write chunk by chunk")
     for node in region.nodes:
         if node not in activations or node in after or node in region.reductions:
             continue
@@ -537,6 +544,8 @@ def _plan_head(gm: fx.GraphModule, nodes: list[fx.Node], last: int, activations:
         return
     region.chunk_size = chunk if isinstance(chunk, int) else _head_chunk(region, plan)
     region.affine_tail = _affine_in(region.reductions, region.tail)
+    region.sequence_outputs = [o for o in outputs if o not in region.tail
+                               and isinstance(plan.info.dim_of(o), SeqDim)]
     plan.regions.append(region)
 
 
@@ -569,11 +578,17 @@ def _record(gm: fx.GraphModule, plan: StreamPlan) -> None:
     head = plan.head
     if head is not None:
         biggest = max((n for n in head.nodes if n in plan.activations), key=_bytes)
+        returned = ", ".join(f"{o.name} {tuple(o.meta['val'].shape)}"
+                             for o in head.sequence_outputs)
         record_decision(gm, Decision(
             STREAM_PASS, "chunked", biggest.name, _bytes(biggest),
             f"head: computed {head.chunk_size} tokens at a time, so {biggest.name} "
-            f"{tuple(biggest.meta['val'].shape)} never exists whole; reduced by "
-            + ", ".join(str(r.target).split('.')[-2] for r in head.reductions)))
+            f"{tuple(biggest.meta['val'].shape)} "
+            + ("never exists whole" if biggest not in head.sequence_outputs else
+               "exists only as the value returned")
+            + "; reduced by " + ", ".join(str(r.target).split('.')[-2] for r in head.reductions)
+            + (f"; returned to the caller, written chunk by chunk and kept for no backward: "
+               f"{returned}" if returned else "")))
     for text in plan.notes:
         record_note(gm, STREAM_PASS, text)
     log.info("stream: %d layers chunked, head %s", len(plan.layers),

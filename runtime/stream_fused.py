@@ -34,6 +34,7 @@ from memcompile.analysis.memory import tensor_bytes
 from memcompile.errors import MemcompileWarning
 from memcompile.meta import Decision, record_decision
 from memcompile.optim import fused
+from memcompile.runtime.stream_accumulate import readers
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ def plan_updates(gm: fx.GraphModule, slots: Mapping[int, int], owner: Mapping[fx
                           f"applied under stream: {reason}; its optimizer steps it from .grad "
                           "in step()", MemcompileWarning, stacklevel=2)
             continue
-        regions = {id(owner[u].region): owner[u].region for u in node.users if u in owner}
-        outside = [u for u in node.users if u not in owner]
+        regions, outside = readers(node, owner)
         if len(regions) == 1 and not outside:
             (key, region), = regions.items()
             updates.by_region.setdefault(key, {})[node] = slot

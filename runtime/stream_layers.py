@@ -15,6 +15,7 @@ from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
+from memcompile.runtime.stream_accumulate import deliver_complete
 from memcompile.runtime.stream_fused import RegionUpdates, update_complete
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_tail import fill_whole
@@ -32,12 +33,14 @@ class StreamLayers(torch.autograd.Function):
     with autograd, summing the chunks' gradients. `side` holds every layer's side inputs, in
     `group_side(runners)`'s order. `updates[i]`: the weights only layer `i` reads, updated by
     their optimizer as soon as that layer's backward is done (`stream_fused`); the run returns
-    no gradient for them.
+    no gradient for them. `own[i]`: the weights only layer `i` reads, whose gradients reach
+    `.grad` as soon as that layer's backward is done (`stream_accumulate`).
     """
 
     @staticmethod
     def forward(ctx: Any, runners: list[ChunkRunner], reversal: Reversal,
-                updates: list[RegionUpdates], x: torch.Tensor, *side: Any) -> torch.Tensor:
+                updates: list[RegionUpdates], own: list[set[fx.Node]], x: torch.Tensor,
+                *side: Any) -> torch.Tensor:
         values = dict(zip(group_side(runners), side))
         kept = set(reversal.kept_in_forward())
         # Kept inputs live on ctx, not in save_for_backward: the backward drops each as soon as
@@ -49,7 +52,7 @@ class StreamLayers(torch.autograd.Function):
                 ctx.states[i] = h
             h, chunk = layer_forward(runner, h, values)
             ctx.chunks.append(chunk)
-        ctx.runners, ctx.reversal, ctx.updates = runners, reversal, updates
+        ctx.runners, ctx.reversal, ctx.updates, ctx.own = runners, reversal, updates, own
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
         ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in side))
         return h
@@ -58,11 +61,12 @@ class StreamLayers(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         side = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others)]
         order = group_side(ctx.runners)
-        walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states, ctx.updates)
+        walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states, ctx.updates,
+                     ctx.own)
         ctx.states = None
         reversal: Reversal = ctx.reversal
         grad = walk.reverse(reversal, walk.states.pop(reversal.start), grad_out)
-        return (None, None, None, grad, *(walk.totals.get(n) for n in order))
+        return (None, None, None, None, grad, *(walk.totals.get(n) for n in order))
 
 
 class _Walk:
@@ -71,10 +75,10 @@ class _Walk:
 
     def __init__(self, runners: list[ChunkRunner], chunk_sizes: list[int],
                  values: dict[fx.Node, Any], states: dict[int, torch.Tensor],
-                 updates: list[RegionUpdates]):
+                 updates: list[RegionUpdates], own: list[set[fx.Node]]):
         self.runners, self.chunk_sizes, self.values, self.states = (
             runners, chunk_sizes, values, states)
-        self.updates = updates
+        self.updates, self.own = updates, own
         self.totals: dict[fx.Node, torch.Tensor | None] = {}
 
     def reverse(self, part: Reversal, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -83,8 +87,11 @@ class _Walk:
             runner = self.runners[part.start]
             layer_side = [self.values[n] for n in runner.region.side_inputs]
             grads = _layer_backward(runner, x, layer_side, grad, self.chunk_sizes[part.start])
-            # Its own weights' gradients are complete: update them and drop the gradients.
+            # Its own weights' gradients are complete: update them (fused) or accumulate them
+            # into .grad now, and drop them.
             update_complete(self.updates[part.start], runner.region.side_inputs, grads.side)
+            deliver_complete(self.own[part.start], runner.region.side_inputs, layer_side,
+                             grads.side)
             for node, found in zip(runner.region.side_inputs, grads.side):
                 self.totals[node] = add_into(self.totals.get(node), found)
             return grads.result()

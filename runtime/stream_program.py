@@ -14,6 +14,7 @@ from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead
+from memcompile.runtime.stream_accumulate import sole_readers
 from memcompile.runtime.stream_fused import StreamUpdates, on_grad, plan_updates
 from memcompile.runtime.stream_tail import resolve
 
@@ -45,6 +46,7 @@ class StreamProgram:
         self.trigger_of = {r: node for node, (group, _) in self.trigger.items() for r in group}
         self.dies_after = self._lifetimes()
         self.updates: StreamUpdates = plan_updates(gm, fused_slots or {}, self.owner)
+        self.own = sole_readers(gm, self.owner)
 
     def _lifetimes(self) -> dict[int, list[fx.Node]]:
         index = {n: i for i, n in enumerate(self.nodes)}
@@ -77,22 +79,22 @@ class StreamProgram:
             elif node.op == "output":
                 return resolve(node.args[0], env)
             elif node in self.trigger:
-                self._run_region(*self.trigger[node], env, self.updates)
+                self._run_region(*self.trigger[node], env)
             elif node not in self.owner:
                 env[node] = node.target(*resolve(node.args, env), **resolve(node.kwargs, env))
             for dead in self.dies_after.get(i, ()):
                 env.pop(dead, None)
         raise RuntimeError("stream program: the graph has no output node")
 
-    @staticmethod
-    def _run_region(group: list[ChunkRunner], walk: Reversal | None,
-                    env: dict[fx.Node, Any], updates: StreamUpdates) -> None:
-        region = group[0].region
+    def _run_region(self, group: list[ChunkRunner], walk: Reversal | None,
+                    env: dict[fx.Node, Any]) -> None:
+        region, updates = group[0].region, self.updates
         if region.kind == "layer":
             side = [env[n] for n in group_side(group)]
             layer_updates = [updates.of(r.region) for r in group]
+            own = [self.own.get(id(r.region), set()) for r in group]
             env[group[-1].region.outputs[0]] = StreamLayers.apply(
-                group, walk, layer_updates, env[region.input], *side)
+                group, walk, layer_updates, own, env[region.input], *side)
         elif region.kind == "batch":
             outs = StreamBatch.apply(group[0], updates.of(region),
                                      *(env[n] for n in region.side_inputs))

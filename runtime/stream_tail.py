@@ -25,9 +25,11 @@ def resolve(value: Any, env: dict[fx.Node, Any]) -> Any:
 def run_tail(runner: ChunkRunner, reduced: dict[fx.Node, Any], whole: dict[fx.Node, Any]
              ) -> list[Any]:
     """The region's outputs from its chunks' results (`reduced`: reductions or boundary
-    values) and its whole values, running the tail's ops once."""
+    values, and a head's returned sequence values if filled) and its whole values, running the
+    tail's ops once; a returned sequence value not given is None."""
     env = {**whole, **reduced}
     for node in runner.region.nodes:
         if node in runner.region.tail:
             env[node] = node.target(*resolve(node.args, env), **resolve(node.kwargs, env))
-    return [env[o] for o in runner.region.outputs]
+    returned = runner.region.sequence_outputs
+    return [env.get(o) if o in returned else env[o] for o in runner.region.outputs]

@@ -97,18 +97,25 @@ def step_error(step: Callable[[Any], torch.Tensor], model: nn.Module, ref_model:
 
 
 def assert_float32_rule(loss: torch.Tensor, model: nn.Module, eager32: nn.Module,
-                        ref64: nn.Module, batch: Mapping[str, Any], what: str = "") -> None:
-    """Hold a compiled float32 step (its `loss`, `model`'s gradients) to the design's float32
-    rule against float64 eager (`ref64`): at most `float32_tolerance` of eager float32's own
-    error (`eager32`, both run here on copies of `batch`)."""
-    loss64 = ref64(**clone_inputs(batch)).loss
-    loss64.backward()
-    loss32 = eager32(**clone_inputs(batch)).loss
-    loss32.backward()
-    err, where = worst_error(loss.detach(), loss64.detach(), model, ref64)
-    eager_err, _ = worst_error(loss32.detach(), loss64.detach(), eager32, ref64)
+                        ref64: nn.Module, batch: Mapping[str, Any], what: str = "", *,
+                        logits: torch.Tensor | None = None) -> None:
+    """Hold a compiled float32 step (its `loss`, `model`'s gradients, and the `logits` it
+    returned, if given) to the design's float32 rule against float64 eager (`ref64`): at most
+    `float32_tolerance` of eager float32's own error (`eager32`, both run here on copies of
+    `batch`)."""
+    out64 = ref64(**clone_inputs(batch))
+    out64.loss.backward()
+    out32 = eager32(**clone_inputs(batch))
+    out32.loss.backward()
+    err, where = worst_error(loss.detach(), out64.loss.detach(), model, ref64)
+    eager_err, _ = worst_error(out32.loss.detach(), out64.loss.detach(), eager32, ref64)
     assert err <= float32_tolerance(eager_err), (
         f"{what}: worst relative error {err:.3e} at {where}; eager float32's {eager_err:.3e}")
+    if logits is not None:
+        err = relative_error(logits.detach(), out64.logits.detach())
+        eager_err = relative_error(out32.logits.detach(), out64.logits.detach())
+        assert err <= float32_tolerance(eager_err), (
+            f"{what}: logits' relative error {err:.3e}; eager float32's {eager_err:.3e}")
 
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
