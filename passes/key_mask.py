@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
-from memcompile.analysis.masks import KeyMaskSplit, ancestors, split_key_mask
+from memcompile.analysis.masks import (DocumentMask, KeyMaskSplit, ancestors,
+                                       find_document_mask, split_key_mask)
 from memcompile.meta import record_note
 from memcompile.passes.registry import register_pass
 
@@ -56,6 +57,10 @@ def _use_key_mask(gm: fx.GraphModule, node: fx.Node, mask: fx.Node) -> bool:
     if node.target is not _CPU_ATTENTION:
         found = f"{node.target} (the stream runtime takes a key mask on the CPU kernel only)"
     key_mask = _build_key_mask(gm, node, found) if isinstance(found, KeyMaskSplit) else None
+    if key_mask is None and isinstance(find_document_mask(mask), DocumentMask):
+        record_note(gm, PASS_NAME, f"{mask.name} is the causal rule within documents (packed "
+                    "sequences): left to the document_mask pass")
+        return False
     if key_mask is None:
         reason = found if isinstance(found, str) else "its key terms do not form a 4-d mask"
         record_note(gm, PASS_NAME, f"{mask.name} depends on the inputs (a padding "

@@ -105,5 +105,6 @@ def resolve_pipeline(passes: Sequence[str] | None, disable: Sequence[str],
 def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
-    from memcompile.passes import (causal_mask, embedding_backward, key_mask,  # noqa: F401
-                                   remat_plan, remove_noops, stream_plan)
+    from memcompile.passes import (causal_mask, document_mask,  # noqa: F401
+                                   embedding_backward, key_mask, remat_plan, remove_noops,
+                                   stream_plan)

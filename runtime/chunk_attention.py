@@ -28,10 +28,12 @@ class PrefixCausalAttention(torch.autograd.Function):
     values' gradients are added into them and none is returned: a caller summing those
     gradients over chunks then holds no whole-length gradient per chunk.
 
-    With `mask`, an additive mask over keys alone (`(B|1, H|1, 1, e)`: padding), each block
-    sees its columns of it. A query that sees no key of a block (all its keys padded) gets a
-    log-sum-exp of -inf there, so the block weighs nothing in the merge; one that sees no key
-    at all gets output 0 and log-sum-exp 0, the kernels' own convention for such a row.
+    With `mask`, an additive mask over keys alone (`(B|1, H|1, 1, e)`: padding) or over the
+    chunk's queries and its keys (`(B|1, H|1, c, e)`: a chunk's rows of a document mask, which
+    must hide every later key), each block sees its columns of it. A query that sees no key of
+    a block (all its keys padded, or of another document) gets a log-sum-exp of -inf there, so
+    the block weighs nothing in the merge; one that sees no key at all gets output 0 and
+    log-sum-exp 0, the kernels' own convention for such a row.
     """
 
     @staticmethod
@@ -97,9 +99,16 @@ def _unseen_to_minus_infinity(lse: torch.Tensor, mask: torch.Tensor | None,
     kernels return 0 there, which a merge would count as a real block."""
     if mask is None:
         return lse
-    visible = mask[..., 0, :] > float("-inf")  # (B|1, H|1, keys)
-    # Square causal block: row r sees keys 0..r; otherwise every row sees every key.
-    seen = visible.cumsum(-1) > 0 if causal else visible.any(-1, keepdim=True)
+    if mask.shape[-2] > 1:  # a row per query: (B|1, H|1, queries, keys)
+        visible = mask > float("-inf")
+        if causal:  # a square block: row r sees keys 0..r
+            visible = visible & torch.ones(visible.shape[-2:], dtype=torch.bool,
+                                           device=mask.device).tril()
+        seen = visible.any(-1)
+    else:
+        visible = mask[..., 0, :] > float("-inf")  # (B|1, H|1, keys)
+        # Square causal block: row r sees keys 0..r; otherwise every row sees every key.
+        seen = visible.cumsum(-1) > 0 if causal else visible.any(-1, keepdim=True)
     return torch.where(seen, lse, torch.full_like(lse, float("-inf")))
 
 
@@ -128,4 +137,18 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "by the caller instead")
     if k.shape[2] == q.shape[2] and sinks is None and mask is None:
         return attend(q, k, v, True, scale, op)[:2]
+    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)
+
+
+def prefix_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor, scale: float | None = None,
+                            sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            op: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prefix_causal_attention` under an additive `mask` over the chunk's queries and its keys,
+    `(B|1, H|1, q.shape[2], k.shape[2])`, which must hide every key after its query (a chunk's
+    rows of a document mask): the causal rule the blocks apply then changes nothing."""
+    if mask.dim() != 4 or mask.shape[-2:] != (q.shape[2], k.shape[2]):
+        raise ValueError(f"prefix_masked_attention: mask {tuple(mask.shape)} must have a row "
+                         f"per query and a column per key, (B|1, H|1, {q.shape[2]}, "
+                         f"{k.shape[2]})")
     return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)

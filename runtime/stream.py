@@ -24,6 +24,8 @@ from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.analysis.sequence import SeqDim
 from memcompile.runtime.chunk_attention import prefix_causal_attention
+from memcompile.runtime.document_mask import (DocumentIds, document_attention,
+                                              evaluate_input_only)
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,8 @@ class ChunkRunner:
                 continue
             if node not in self.activations:  # input-only: whole, whatever `only` says
                 if node not in whole:
-                    whole[node] = node.target(*_load(node.args, env, whole),
-                                              **_load(node.kwargs, env, whole))
+                    whole[node] = evaluate_input_only(node, _load(node.args, env, whole),
+                                                      _load(node.kwargs, env, whole))
                 continue
             if only is not None and node not in only:
                 continue
@@ -243,7 +245,11 @@ class ChunkRunner:
         so such a chunk runs as blocks of keys without a causal mask (`chunk_attention`), on
         the captured kernel, with a mask over keys alone if the call has one (`key_mask`). The result has the captured kernel's outputs: output and
         log-sum-exp, the rest (sequence offsets, random state: unused without dropout) None.
+        A document mask (`document_mask`) is built for the chunk's rows from its ids.
         """
+        mask = attention.call_mask(node.target, args, kwargs)
+        if isinstance(mask, DocumentIds):
+            return self._document_attention(node, args, kwargs, mask, first, end, sinks)
         if not attention.is_causal(node) or first == 0:
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
@@ -254,6 +260,29 @@ class ChunkRunner:
         out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target,
                                            key_mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
+
+    def _document_attention(self, node: fx.Node, args: tuple, kwargs: dict, ids: DocumentIds,
+                            first: int, end: int,
+                            sinks: dict[fx.Node, torch.Tensor] | None) -> Any:
+        """Attention for queries `[first, end)` under a document mask, from its ids."""
+        if not ids.causal:
+            # Queries may see later keys: the layer runs whole (`stream_layers`), and so does
+            # its mask, as the graph would build it.
+            where = attention.LAYOUTS[node.target].mask
+            dense = ids.rows(first, end)
+            if isinstance(where, str):
+                kwargs = {**kwargs, where: dense}
+            else:
+                args = (*args[:where], dense, *args[where + 1:])
+            return node.target(*args, **kwargs)
+        q, k, v = args[:3]
+        k_node, v_node = node.args[1:3]
+        pair = (sinks[k_node], sinks[v_node]) if (
+            sinks and k_node in sinks and v_node in sinks) else None
+        out, lse = document_attention(node.target, q, k, v, kwargs.get("scale"), ids, first,
+                                      end, pair)
+        return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
+
 
 def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, bool],
                                                      set[fx.Node]]:

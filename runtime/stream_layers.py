@@ -14,6 +14,7 @@ from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
+from memcompile.runtime.document_mask import DocumentIds
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_accumulate import deliver_complete
 from memcompile.runtime.stream_fused import RegionUpdates, update_complete
@@ -280,13 +281,15 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
 
 def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
     """Whether every attention mask of the layer hides later keys (else chunks need all keys).
-    A causal kernel's mask is over keys alone (`passes.key_mask`): the kernel hides them."""
+    A causal kernel's mask is over keys alone (`passes.key_mask`): the kernel hides them. A
+    document mask is checked on its ids."""
     for node in runner.region.nodes:
         if node.target not in ATTENTION_OPS or attention.is_causal(node):
             continue
         mask = attention.mask(node)
-        if isinstance(mask, fx.Node) and isinstance(whole.get(mask), torch.Tensor):
-            if not mask_is_causal(whole[mask]):
+        value = whole.get(mask) if isinstance(mask, fx.Node) else None
+        if isinstance(value, (torch.Tensor, DocumentIds)):
+            if not (value.causal if isinstance(value, DocumentIds) else mask_is_causal(value)):
                 log.warning("stream: %s's mask lets queries see later keys; the layer's "
                             "backward re-runs it whole", node.name)
                 return False

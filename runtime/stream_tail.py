@@ -7,14 +7,17 @@ from typing import Any
 
 import torch.fx as fx
 
+from memcompile.runtime.document_mask import evaluate_input_only
 from memcompile.runtime.stream import ChunkRunner
 
 
 def fill_whole(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> None:
-    """Compute the region's input-only values (they never depend on activations)."""
+    """Compute the region's input-only values (they never depend on activations); a document
+    mask is kept as its ids (`document_mask.DocumentIds`)."""
     for node in runner.region.nodes:
         if node not in runner.activations and node not in whole:
-            whole[node] = node.target(*resolve(node.args, whole), **resolve(node.kwargs, whole))
+            whole[node] = evaluate_input_only(node, resolve(node.args, whole),
+                                              resolve(node.kwargs, whole))
 
 
 def resolve(value: Any, env: dict[fx.Node, Any]) -> Any:

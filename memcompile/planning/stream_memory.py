@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.masks import DOCUMENT_MASK
 from memcompile.errors import MemoryBudgetError
 from memcompile.planning.stream_schedule import least_checkpoints
 
@@ -104,9 +105,18 @@ def _keys_values(region: Any, widened: bool = False) -> int:
 
 def _tables(region: Any, plan: Any) -> int:
     """Bytes of the values a layer builds from the inputs alone, views excluded; each call
-    keeps them whole while it runs."""
-    return sum(_bytes(n) for n in region.nodes if n not in plan.activations
-               and isinstance(n.meta.get("val"), torch.Tensor) and not n.meta["val"]._is_view())
+    keeps them whole while it runs. A document mask is never built whole: a chunk's rows of
+    it, at most `chunk × T`, are counted instead."""
+    total = 0
+    for n in region.nodes:
+        if n in plan.activations or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        if n.target is DOCUMENT_MASK:
+            length = plan.info.length
+            total += _bytes(n) * min(region.chunk_size or length, length) // max(length, 1)
+        elif not n.meta["val"]._is_view():
+            total += _bytes(n)
+    return total
 
 
 def _chunk_bytes(region: Any, plan: Any) -> int:
