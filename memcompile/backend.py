@@ -10,11 +10,30 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch._dynamo
 import torch.fx as fx
 
 from memcompile.config import Options
 from memcompile.errors import NotAvailableError
 from memcompile.per_size import CompiledPerSize, is_symbolic
+
+
+def trace_checkpointed_layers() -> None:
+    """Let Dynamo trace a checkpointed layer whose forward has a Python side effect.
+
+    Hugging Face's `gradient_checkpointing_enable()` (the Trainer's `gradient_checkpointing=
+    True`) wraps each layer in `torch.utils.checkpoint`, and its layers set a context variable
+    (the `kernels` package's). By default Dynamo refuses side effects under checkpoint and
+    breaks the graph at every layer, so no graph holds a layer and nothing can stream or be
+    planned. Dynamo's option `skip_fwd_side_effects_in_bwd_under_checkpoint` traces the layer and
+    runs the side effect once, in the forward. Replaying it in the backward is what eager
+    checkpointing does, and what no compiled backward does: the recompute is memcompile's, on
+    the traced ops. Set when memcompile is imported, for every graph Dynamo traces from then on.
+    """
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+trace_checkpointed_layers()
 
 
 def check_available(options: Options) -> None:
