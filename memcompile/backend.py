@@ -60,6 +60,8 @@ def memcompile(
     check_available(opts)
     if opts.stream is True or not isinstance(opts.stream, (bool, str)):
         return compile_stream(gm, example_inputs, opts)
+    if opts.stream == "auto" and opts.memory_budget == "auto":
+        return compile_stream(gm, example_inputs, opts, auto=True)
     if isinstance(opts.memory_budget, int) and is_symbolic(example_inputs):
         # A byte budget holds at every length: planned again at each length the graph runs at.
         return CompiledPerSize(gm, opts, memcompile)

@@ -111,9 +111,11 @@ def _check_requests(record: GraphRecord, options: Options,
     elif record.kind == "inference" and numeric:
         record.notes.append(("plan_remat", "no backward: memory_budget has no saved values to "
                              "plan on this graph"))
-    if options.stream == "auto" and record.kind == "training":
-        record.notes.append((STREAM_PASS, "stream 'auto' leaves graphs unchanged for now; "
-                             "stream=True streams them"))
+    if (options.stream == "auto" and record.kind == "training"
+            and options.memory_budget != "auto"):
+        record.notes.append((STREAM_PASS, f"stream 'auto': off: memory_budget="
+                             f"{options.memory_budget!r} asks for the remat plan (stream is "
+                             "decided under memory_budget 'auto'; stream=True streams)"))
     warn_unmet(record, unmet)
 
 
@@ -121,15 +123,27 @@ def _aot_cache_hits() -> int:
     return counters["aot_autograd"]["autograd_cache_hit"]
 
 
+def is_scalar_input(x: Any) -> bool:
+    """A 0-dimensional tensor that is not a weight: a value Dynamo passes in for a module's
+    number attribute under `dynamic=True`."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 0 and not x.requires_grad
+            and not isinstance(x, torch.nn.Parameter))
+
+
 def trace_static(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
     """The Dynamo graph as an aten graph with static shapes: those of the tensors given, and
     the integers given for its symbolic sizes.
 
     A fake mode of its own, without a shape environment: inside a backend, Dynamo's ambient
-    fake mode would make sizes symbolic.
+    fake mode would make sizes symbolic. A scalar tensor input the graph reads with `.item()`
+    (a module's float or int attribute, such as a norm's epsilon, which `dynamic=True` makes an
+    input) is traced at its value (`is_scalar_input`); callers re-plan when it changes.
     """
     mode = FakeTensorMode(shape_env=None)
     fakes = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
              for x in example_inputs]
+    for x, fake in zip(example_inputs, fakes):
+        if is_scalar_input(x):
+            fake.item_memo = x.item()
     with torch._guards.tracing(None), mode:
         return make_fx(gm, tracing_mode="real")(*fakes)

@@ -1,14 +1,16 @@
 """The stream path: a Dynamo graph run by StreamBP's runtime (`options["stream"]`).
 
 The Dynamo graph is traced to an aten forward graph with static sizes, and the runner runs the
-stream pipeline on it (`causal_mask`, `key_mask`, `stream_plan`; `options["passes"]` and
-`"disable_passes"` name them). The plan runs in `runtime.stream_program.StreamProgram`.
+stream pipeline on it (`causal_mask`, `key_mask`, `document_mask`, `stream_plan`;
+`options["passes"]` and `"disable_passes"` name them). The plan runs in
+`runtime.stream_program.StreamProgram`. Under `stream="auto"`, `planning.stream_auto.decide`
+chooses between that program and the default path.
 
 A graph Dynamo captured with a symbolic length (its automatic dynamic recompile at a second
 length, or `mark_dynamic`) is planned at the length it was captured at, and then once per length
 it runs at: its plan's regions and chunk ranges are sizes of one length. Where no plan results,
-the graph takes the default path (`capture.compile_graph`) with a `MemcompileWarning` saying why:
-the user asked for stream explicitly.
+the graph takes the default path (`capture.compile_graph`) with a `MemcompileWarning` saying why
+when the user asked for stream explicitly, a note under "auto".
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.capture import compile_graph, trace_static
+from memcompile.capture import compile_graph, is_scalar_input, trace_static
 from memcompile.config import Options
 from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
 from memcompile.per_size import sizes_key
 from memcompile.passes.registry import resolve_pipeline
 from memcompile.passes.stream_plan import STREAM_PASS
+from memcompile.planning.stream_auto import decide
 from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runner import run_passes
 from memcompile.runtime.stream_program import StreamProgram
@@ -35,31 +38,49 @@ from memcompile.unmet import origin, warn_unmet
 log = logging.getLogger(__name__)
 
 
-def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Any:
-    """Compile one Dynamo graph with StreamBP, or by the default path where it cannot apply."""
+def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options, *,
+                   auto: bool = False) -> Any:
+    """Compile one Dynamo graph with StreamBP, or by the default path where it cannot apply.
+
+    `auto` (`stream="auto"`): stream only where `stream_auto.decide` says it pays; the default
+    path otherwise, with a note (no warning: the user asked for nothing)."""
     where = origin(gm)
     record = new_record(where)
     if any(isinstance(x, torch.Tensor) and _has_symbolic_shape(x) for x in example_inputs):
         reason = "a tensor input has symbolic sizes"
-        return _without_stream(gm, example_inputs, options, record, reason)
+        return _without_stream(gm, example_inputs, options, record, reason, auto)
     if not all(isinstance(x, (torch.Tensor, int, torch.SymInt)) for x in example_inputs):
         kinds = sorted({type(x).__name__ for x in example_inputs
                         if not isinstance(x, (torch.Tensor, int, torch.SymInt))})
         return _without_stream(gm, example_inputs, options, record,
-                               f"inputs of types {', '.join(kinds)}")
+                               f"inputs of types {', '.join(kinds)}", auto)
+    if auto and not torch.is_grad_enabled():
+        return _without_stream(gm, example_inputs, options, record, "no backward", auto)
+    if auto and not any(_may_hold_tokens(x) for x in example_inputs):
+        return _without_stream(gm, example_inputs, options, record,
+                               "no integer (batch, length) input: no sequence to chunk", auto)
     concrete = [_hint(x) for x in example_inputs]
-    program = _stream_program(gm, concrete, options, record)
+    try:
+        program = _stream_program(gm, concrete, options, record, auto)
+    except Exception as error:  # noqa: BLE001 - "auto" never fails a compile it could do
+        if not auto:
+            raise
+        log.info("%s: stream 'auto': the stream attempt failed: %r", record.name, error)
+        return _without_stream(gm, example_inputs, options, new_record(where),
+                               f"the stream path could not trace the graph "
+                               f"({type(error).__name__}: {error})", auto)
     if program is None:
         return _without_stream(gm, example_inputs, options, record,
-                               _no_plan_reason(record, options))
-    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+                               _no_plan_reason(record, options), auto)
+    if any(isinstance(x, torch.SymInt) or is_scalar_input(x) for x in example_inputs):
         return StreamPerSize(gm, options, where, concrete, program)
     return program
 
 
 class StreamPerSize:
     """A graph with symbolic sizes, streamed: one `StreamProgram` per set of sizes it runs at,
-    planned when those sizes first arrive (the first at compile time).
+    planned when those sizes first arrive (the first at compile time). Scalar tensor inputs
+    (`capture.is_scalar_input`, traced at their values) are part of the key too.
 
     A size whose graph cannot be planned (it never happened in the tests: the plan depends on
     the graph's structure, not its length) runs the captured graph as it is, with a warning.
@@ -68,10 +89,10 @@ class StreamPerSize:
     def __init__(self, gm: fx.GraphModule, options: Options, where: str,
                  example: Sequence[Any], program: StreamProgram):
         self.gm, self.options, self.where = gm, options, where
-        self.programs: dict[tuple, StreamProgram | None] = {sizes_key(example): program}
+        self.programs: dict[tuple, StreamProgram | None] = {_key(example): program}
 
     def __call__(self, *args: Any) -> Any:
-        key = sizes_key(args)
+        key = _key(args)
         if key not in self.programs:
             record = new_record(self.where)
             self.programs[key] = _stream_program(self.gm, list(args), self.options, record)
@@ -84,9 +105,10 @@ class StreamPerSize:
 
 
 def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
-                    record: GraphRecord) -> StreamProgram | None:
+                    record: GraphRecord, auto: bool = False) -> StreamProgram | None:
     """Trace `gm` at the sizes of `inputs`, run the stream pipeline, and fill `record`; the
-    program, or None (the record's notes say why) when no plan results."""
+    program, or None (the record's notes say why) when no plan results or, with `auto`, when
+    streaming does not pay."""
     try:
         forward, record.passes = stream_forward(gm, inputs, options, record.name)
     except BaseException:
@@ -96,6 +118,13 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     record.notes = list(forward.meta.get(NOTES, []))
     if plan is None:
         return None
+    if auto:
+        decision = decide(plan, [x for x in inputs
+                                 if isinstance(x, torch.Tensor) and x.requires_grad])
+        log.info("%s: %s", record.name, decision)
+        record.notes.append((STREAM_PASS, str(decision)))
+        if not decision.on:
+            return None
     record.kind = "stream"
     record.stream_plan = plan
     record.forward = forward
@@ -129,9 +158,20 @@ def _no_plan_reason(record: GraphRecord, options: Options) -> str:
     return "; ".join(text for name, text in record.notes if name == STREAM_PASS)
 
 
+def _key(args: Sequence[Any]) -> tuple:
+    """The sizes of a call and the values of its scalar tensor inputs."""
+    return (sizes_key(args), tuple(x.item() for x in args if is_scalar_input(x)))
+
+
 def _hint(x: Any) -> Any:
     """A symbolic size as the value Dynamo captured it at (no guard is installed)."""
     return int(x.node.hint) if isinstance(x, torch.SymInt) else x
+
+
+def _may_hold_tokens(x: Any) -> bool:
+    """Whether `x` could be a `(batch, length)` token input (two dimensions, not floating
+    point), what the sequence analysis starts from; without one, "auto" skips the attempt."""
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point()
 
 
 def _has_symbolic_shape(x: torch.Tensor) -> bool:
@@ -139,8 +179,14 @@ def _has_symbolic_shape(x: torch.Tensor) -> bool:
 
 
 def _without_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
-                    record: GraphRecord, reason: str) -> Any:
-    """Compile as `compile_graph` does, keeping the stream attempt's record and warning why."""
+                    record: GraphRecord, reason: str, auto: bool = False) -> Any:
+    """Compile as `compile_graph` does, keeping the stream attempt's record and warning why
+    (noting why, for `auto`)."""
     log.info("%s: stream not applied: %s", record.name, reason)
+    if auto:  # the attempt's passes and notes describe a plan not taken: keep the decision
+        record.passes = []
+        record.notes = [n for n in record.notes if n[1].startswith("stream 'auto'")] or [
+            (STREAM_PASS, f"stream 'auto': off: {reason}")]
+        return compile_graph(gm, example_inputs, options, record)
     record.notes.append((STREAM_PASS, f"not applied: {reason}"))
     return compile_graph(gm, example_inputs, options, record, [(STREAM_PASS, reason)])

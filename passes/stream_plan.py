@@ -255,9 +255,13 @@ def _causal_or_masked(node: fx.Node) -> bool:
 
 
 def _head_problem(region: Region, info: SequenceInfo, activations: set[fx.Node]) -> str | None:
-    """Why the head cannot run chunk by chunk, or None if it can."""
-    if not region.reductions:
-        return "no op reduces over the sequence after the last layer (no loss in the graph)"
+    """Why the head cannot run chunk by chunk, or None if it can. A head with no reduction
+    over the sequence chunks when its outputs are per-token values (log-probabilities taken
+    from the logits, say): each chunk writes its rows."""
+    per_token = [o for o in region.outputs if isinstance(info.dim_of(o), SeqDim)]
+    if not region.reductions and (not per_token or len(per_token) < len(region.outputs)):
+        return ("no op reduces over the sequence after the last layer, and its outputs are not "
+                "all per-token values (no loss in the graph)")
     after = _descendants(region.reductions, set(region.nodes))
     for out in region.outputs:
         val = out.meta.get("val")

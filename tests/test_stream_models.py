@@ -125,10 +125,13 @@ def test_a_model_that_returns_its_cache_is_told_to_turn_it_off():
     out.loss.backward()
 
 
-def test_stream_stays_on_through_dynamic_recompiles():
-    """The second length makes Dynamo recompile with a symbolic length; the graph is planned
-    once per length it runs at, so every length streams, exactly (float64: the built-in model's
-    norm computes in its own dtype)."""
+@pytest.mark.parametrize("how", ["recompile", "dynamic", "mark_dynamic"])
+def test_stream_stays_on_through_dynamic_recompiles(how):
+    """Variable lengths: Dynamo's automatic dynamic recompile at the second length, `dynamic=True`
+    from the first call (which also makes module number attributes, such as the norms' epsilon,
+    inputs), or `mark_dynamic` on the batch. The graph is planned once per length it runs at, so
+    every length streams, exactly (float64: the built-in model's norm computes in its own
+    dtype), at more distinct lengths than Dynamo's recompile limit."""
     from helpers import FLOAT64_TOL, step_error
 
     from memcompile.models import build_model, make_batch
@@ -137,16 +140,23 @@ def test_stream_stays_on_through_dynamic_recompiles():
     ref = clone_model(model)
     torch._dynamo.reset()
     step = torch.compile(lambda b: model(**b).loss, backend="memcompile",
+                         dynamic=True if how == "dynamic" else None,
                          options={"runtime": "eager", "stream": {"chunk_size": 16}})
-    lengths = [32, 48, 64, 40, 48]
+    limit = torch._dynamo.config.recompile_limit
+    lengths = [32, 48, 64, 40, 48] + [19 + 2 * k for k in range(limit)]  # odd: all new
     with recording() as records, warnings.catch_warnings():
         warnings.simplefilter("error", memcompile.MemcompileWarning)
         for length in lengths:
             batch = make_batch("tiny", seq_len=length)
+            if how == "mark_dynamic":
+                for value in batch.values():
+                    torch._dynamo.mark_dynamic(value, 1)
             err, where = step_error(step, model, ref, batch)
             assert err <= FLOAT64_TOL, f"{length} tokens: {err:.3e} at {where}"
-    assert [r.kind for r in records] == ["stream"] * 4  # 48 comes back: its plan is reused
-    assert [r.stream_plan.info.length for r in records] == [32, 48, 64, 40]
+    distinct = list(dict.fromkeys(lengths))  # 48 comes back: its plan is reused
+    assert [r.kind for r in records] == ["stream"] * len(distinct)
+    assert [r.stream_plan.info.length for r in records] == distinct
+    assert len(distinct) > limit
 
 
 def test_a_lora_model_streams_and_frozen_weights_get_no_gradient():

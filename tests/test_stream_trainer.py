@@ -137,3 +137,31 @@ def test_a_model_called_whole_with_its_cache_on_warns_and_still_trains():
         warnings.simplefilter("always")
         model(input_ids=ids, labels=ids).loss.backward()
     assert any("model.config.use_cache = False" in str(w.message) for w in caught)
+
+
+def test_per_token_log_probabilities_stream_without_a_loss():
+    """A graph returning per-token values and no loss (GRPO's reference or old
+    log-probabilities, `token_logps(model(ids).logits, labels)`): the head runs chunk by chunk
+    and writes each chunk's rows, with and without autograd."""
+    from memcompile.losses import token_logps
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY).double()
+    reference = clone_model(model)
+    ids = _ids(length=20)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: token_logps(model(input_ids=x).logits, x),
+                         backend="memcompile", options={"runtime": "eager", "stream": STREAM})
+    with recording() as records:
+        logps = step(ids)
+    (record,) = records
+    assert record.kind == "stream" and record.stream_plan.head is not None
+    expected = token_logps(reference(input_ids=ids).logits, ids)
+    assert relative_error(logps, expected) < FLOAT64_TOL
+    weights = torch.randn(logps.shape, dtype=logps.dtype,
+                          generator=torch.Generator().manual_seed(1))
+    (logps * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert max(grad_errors(model, reference).values()) < FLOAT64_TOL
+    with torch.no_grad():
+        assert relative_error(step(ids), expected) < FLOAT64_TOL

@@ -62,8 +62,12 @@ class StreamMemory:
                 + max(forward, backward))
 
 
-def estimate(plan: Any, parameters: list[torch.Tensor]) -> StreamMemory:
-    """The peak's terms for `plan`, whose graph was traced with `parameters` as inputs."""
+def estimate(plan: Any, parameters: list[torch.Tensor], *, whole: bool = False) -> StreamMemory:
+    """The peak's terms for `plan`, whose graph was traced with `parameters` as inputs.
+
+    `whole=True`: the same regions with every chunk the whole length, what recomputing each
+    layer whole (per-layer checkpointing, the least a remat plan reaches for one extra
+    forward) holds: one layer's and the head's values at full length."""
     layers = plan.layers
     head = plan.head
     return StreamMemory(
@@ -71,9 +75,9 @@ def estimate(plan: Any, parameters: list[torch.Tensor]) -> StreamMemory:
         hidden=max((_bytes(r.input) for r in layers), default=0),
         keys_values=max((_keys_values(r) for r in layers), default=0),
         gradient_sums=max((_keys_values(r, widened=True) for r in layers), default=0),
-        tables=max((_tables(r, plan) for r in layers), default=0),
-        layer_chunk=max((_chunk_bytes(r, plan) for r in layers), default=0),
-        head_chunk=_chunk_bytes(head, plan) if head is not None else 0,
+        tables=max((_tables(r, plan, whole) for r in layers), default=0),
+        layer_chunk=max((_chunk_bytes(r, plan, whole) for r in layers), default=0),
+        head_chunk=_chunk_bytes(head, plan, whole) if head is not None else 0,
         layers=max((len(run) for run in plan.runs), default=0),
     )
 
@@ -103,7 +107,7 @@ def _keys_values(region: Any, widened: bool = False) -> int:
                for arg in node.args[1:3] if isinstance(arg, fx.Node) and arg in inside)
 
 
-def _tables(region: Any, plan: Any) -> int:
+def _tables(region: Any, plan: Any, whole: bool = False) -> int:
     """Bytes of the values a layer builds from the inputs alone, views excluded; each call
     keeps them whole while it runs. A document mask is never built whole: a chunk's rows of
     it, at most `chunk × T`, are counted instead."""
@@ -113,16 +117,18 @@ def _tables(region: Any, plan: Any) -> int:
             continue
         if n.target is DOCUMENT_MASK:
             length = plan.info.length
-            total += _bytes(n) * min(region.chunk_size or length, length) // max(length, 1)
+            rows = length if whole else min(region.chunk_size or length, length)
+            total += _bytes(n) * rows // max(length, 1)
         elif not n.meta["val"]._is_view():
             total += _bytes(n)
     return total
 
 
-def _chunk_bytes(region: Any, plan: Any) -> int:
-    """What a chunk of `region` computes: its whole-length values' bytes, scaled to the chunk."""
+def _chunk_bytes(region: Any, plan: Any, whole: bool = False) -> int:
+    """What a chunk of `region` computes: its whole-length values' bytes, scaled to the chunk
+    (`whole`: to the whole length)."""
     length = plan.info.length
-    chunk = min(region.chunk_size or length, length)
+    chunk = length if whole else min(region.chunk_size or length, length)
     whole = sum(_bytes(n) for n in region.nodes
                 if n in plan.activations and n not in region.prefix and plan.info.dim_of(n))
     return whole * chunk // max(length, 1)
