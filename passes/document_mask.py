@@ -25,9 +25,8 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis import attention
-from memcompile.analysis.attention import ATTENTION_OPS
 from memcompile.analysis.masks import (DOCUMENT_MASK, DocumentMask, ancestors,
-                                       find_document_mask)
+                                       find_document_mask, input_built_masks)
 from memcompile.meta import record_note
 from memcompile.passes.registry import register_pass
 
@@ -45,14 +44,9 @@ def document_mask_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """Replace each input-built mask that is the causal rule within documents by a
     `memcompile::document_mask` op on the per-token ids it compares."""
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in ATTENTION_OPS:
-            continue
-        mask = attention.mask(node)
-        if (not isinstance(mask, fx.Node) or mask.target is DOCUMENT_MASK
-                or attention.is_causal(node)
-                or all(n.op == "call_function" for n in ancestors(mask))):
-            continue  # no mask, one already rewritten, a key mask, or a constant one
+    for node, mask in input_built_masks(gm):
+        if mask.target is DOCUMENT_MASK or attention.is_causal(node):
+            continue  # one already rewritten, or a key mask (`key_mask`'s)
         replaced += _use_document_mask(gm, node, mask)
     if replaced:
         gm.graph.eliminate_dead_code()

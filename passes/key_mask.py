@@ -19,9 +19,8 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis import attention
-from memcompile.analysis.attention import ATTENTION_OPS
-from memcompile.analysis.masks import (DocumentMask, KeyMaskSplit, ancestors,
-                                       find_document_mask, split_key_mask)
+from memcompile.analysis.masks import (DocumentMask, KeyMaskSplit, find_document_mask,
+                                       input_built_masks, split_key_mask)
 from memcompile.meta import record_note
 from memcompile.passes.registry import register_pass
 
@@ -38,13 +37,7 @@ def key_mask_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """Replace each input-built mask that is `causal & keys` by the causal kernel with a mask
     over keys alone."""
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in ATTENTION_OPS:
-            continue
-        mask = attention.mask(node)
-        if not isinstance(mask, fx.Node) or all(n.op == "call_function"
-                                                for n in ancestors(mask)):
-            continue  # no mask, or a constant one (`causal_mask`'s)
+    for node, mask in input_built_masks(gm):
         replaced += _use_key_mask(gm, node, mask)
     if replaced:
         gm.graph.eliminate_dead_code()

@@ -334,3 +334,19 @@ def evaluate(nodes: list[fx.Node]) -> torch.Tensor:
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         env[node] = node.target(*args, **kwargs)
     return env[nodes[-1]]  # type: ignore[return-value]
+
+
+def input_built_masks(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """(attention call, its mask) for each attention whose mask is built from a graph input,
+    the masks `key_mask` and `document_mask` look at (constant ones are `causal_mask`'s)."""
+    from memcompile.analysis import attention
+
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in attention.ATTENTION_OPS:
+            continue
+        mask = attention.mask(node)
+        if isinstance(mask, fx.Node) and not all(n.op == "call_function"
+                                                 for n in ancestors(mask)):
+            found.append((node, mask))
+    return found
