@@ -1,8 +1,8 @@
 """The stream path: a Dynamo graph run by StreamBP's runtime (`options["stream"]`).
 
 The Dynamo graph is traced to an aten forward graph with static sizes, and the runner runs the
-stream pipeline on it (`causal_mask`, `key_mask`, `document_mask`, `stream_plan`;
-`options["passes"]` and `"disable_passes"` name them). The plan runs in
+stream pipeline on it (`eager_attention`, `causal_mask`, `key_mask`, `document_mask`,
+`stream_plan`; `options["passes"]` and `"disable_passes"` name them). The plan runs in
 `runtime.stream_program.StreamProgram`. Under `stream="auto"`, `planning.stream_auto.decide`
 chooses between that program and the default path.
 

@@ -7,7 +7,9 @@ built from `arange`s and constants alone), it is the same at every call: this pa
 once, at compile time, and where it equals the lower-triangular mask it drops it and sets the
 kernel's `is_causal` (square, so top-left and lower-right alignment agree). A mask that depends
 on an input (a padding mask) is the `key_mask` pass's. One that is not causal or is too large to
-check is left as it is, with a note.
+check is left as it is, with a note. On `memcompile::eager_attention` (the `eager_attention`
+pass's), a mask hiding keys with the dtype's lowest value, as transformers' eager path builds
+it, counts as causal too.
 
 It runs in the stream pipeline, on the forward graph StreamBP plans.
 """
@@ -22,6 +24,7 @@ import torch.fx as fx
 
 from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.analysis.masks import ancestors, evaluate, is_causal_mask
 from memcompile.meta import record_note
 from memcompile.passes.registry import register_pass
@@ -46,7 +49,10 @@ def causal_mask_pass(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                         f"time ({CHECK_LIMIT:,} elements at most): kept")
             continue
         with torch.no_grad():
-            if not is_causal_mask(evaluate(ancestors(mask))):
+            # The eager path's mask hides keys with the dtype's lowest value (see
+            # `is_causal_mask`); memcompile::eager_attention's causal rule hides them with -inf.
+            min_hides = node.target is EAGER_ATTENTION
+            if not is_causal_mask(evaluate(ancestors(mask)), min_hides=min_hides):
                 record_note(gm, PASS_NAME, f"{mask.name} is not a causal mask: kept")
                 continue
         node.args, node.kwargs = attention.with_causal(node.args, node.kwargs, node.target, True)

@@ -4,8 +4,8 @@ Passes run on one of two graphs, each with its own pipeline:
 
 - "joint": AOTAutograd's joint forward+backward graph, before it is split (`plan_remat` and the
   passes that prepare for it);
-- "stream": the forward aten graph StreamBP runs (`options["stream"]`): the mask rewrites and
-  the stream plan.
+- "stream": the forward aten graph StreamBP runs (`options["stream"]`): the eager attention
+  and mask rewrites, and the stream plan.
 
 `options.passes` names passes of either graph; each pipeline runs those of its own graph, in the
 order given. An unknown name is an error that lists the valid ones. Pass modules are imported
@@ -106,5 +106,5 @@ def _load_builtin_passes() -> None:
     # Imported lazily: pass modules import analyses that import torch internals, and the
     # registry must be importable from the config module without a cycle.
     from memcompile.passes import (causal_mask, document_mask,  # noqa: F401
-                                   embedding_backward, key_mask, remat_plan, remove_noops,
-                                   stream_plan)
+                                   eager_attention, embedding_backward, key_mask, remat_plan,
+                                   remove_noops, stream_plan)

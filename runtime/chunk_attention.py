@@ -7,6 +7,10 @@ two calls: keys `[0, s)` are all visible (no mask), keys `[s, e)` form a square 
 Their outputs merge by their log-sum-exps. The backward calls the kernel's own backward once
 per block with the merged output and log-sum-exp, which gives each block's share of the
 gradient exactly (the softmax's normalizer is the merged one).
+
+transformers' eager path (`memcompile::eager_attention`: softcapped or biased scores, a softmax in
+float32) has no fused kernel: `prefix_eager_attention` computes a chunk's scores over its whole
+prefix in plain ops instead.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 
+from memcompile.analysis.eager_attention import eager_attention_math
 from memcompile.runtime.attention_kernels import accumulation_dtype, attend, attend_backward
 
 
@@ -152,3 +157,24 @@ def prefix_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"per query and a column per key, (B|1, H|1, {q.shape[2]}, "
                          f"{k.shape[2]})")
     return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)
+
+
+def prefix_eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, causal: bool, scale: float,
+                           softcap: float | None, softmax_dtype: torch.dtype | None,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' eager attention (`memcompile::eager_attention`) of the last `q.shape[2]`
+    positions over keys `[0, k.shape[2])`: the same plain ops as the whole op, on the chunk's
+    scores alone (`chunk × keys` per head), the causal rule aligned at the lower right. `mask`
+    and `bias` hold the chunk's rows (or one row for every query) and a column per key.
+
+    No log-sum-exp merge is needed: every query's row of scores is whole here, so its softmax
+    is the whole one, and autograd through the plain ops gives the gradients (the keys' and
+    values' included; they are returned, not added into sinks)."""
+    for name, extra in (("mask", mask), ("bias", bias)):
+        if extra is not None and (extra.shape[-1] not in (1, k.shape[2])
+                                  or extra.shape[-2] not in (1, q.shape[2])):
+            raise ValueError(f"prefix_eager_attention: {name} {tuple(extra.shape)} must have a "
+                             f"row per query ({q.shape[2]}) or one, and a column per key "
+                             f"({k.shape[2]}) or one")
+    return eager_attention_math(q, k, v, mask, causal, scale, softcap, softmax_dtype, bias)

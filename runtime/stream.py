@@ -22,8 +22,9 @@ import torch.fx as fx
 
 from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.analysis.sequence import SeqDim
-from memcompile.runtime.chunk_attention import prefix_causal_attention
+from memcompile.runtime.chunk_attention import prefix_causal_attention, prefix_eager_attention
 from memcompile.runtime.document_mask import (DocumentIds, document_attention,
                                               evaluate_input_only)
 
@@ -247,6 +248,8 @@ class ChunkRunner:
         log-sum-exp, the rest (sequence offsets, random state: unused without dropout) None.
         A document mask (`document_mask`) is built for the chunk's rows from its ids.
         """
+        if node.target is EAGER_ATTENTION:
+            return self._eager_attention(args, kwargs, first, end)
         mask = attention.call_mask(node.target, args, kwargs)
         if isinstance(mask, DocumentIds):
             return self._document_attention(node, args, kwargs, mask, first, end, sinks)
@@ -260,6 +263,18 @@ class ChunkRunner:
         out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target,
                                            key_mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
+
+    def _eager_attention(self, args: tuple, kwargs: dict, first: int, end: int) -> Any:
+        """The eager path's attention (`memcompile::eager_attention`) for queries
+        `[first, end)` over keys `[0, end)`: its mask's rows came narrowed with the arguments;
+        a bias (ALiBi) is narrowed here the same way."""
+        q, k, v, mask, dropout_p, causal = args[:6]
+        if dropout_p:
+            raise RuntimeError("stream runtime: eager attention with dropout cannot be chunked")
+        bias = kwargs.get("bias")
+        return prefix_eager_attention(
+            q, k, v, mask, causal, kwargs.get("scale", 1.0), kwargs.get("softcap"),
+            kwargs.get("softmax_dtype"), _narrow_mask(bias, first, end, self.length))
 
     def _document_attention(self, node: fx.Node, args: tuple, kwargs: dict, ids: DocumentIds,
                             first: int, end: int,
@@ -344,13 +359,25 @@ def _narrow_mask(mask: Any, first: int, end: int, length: int) -> Any:
     return mask
 
 
-def mask_is_causal(mask: torch.Tensor, rows_per_block: int = 1024) -> bool:
+def mask_is_causal(mask: torch.Tensor, rows_per_block: int = 1024, *,
+                   min_hides: bool = False) -> bool:
     """Whether no query may see a later key (so keys past a chunk can be dropped), checked in
-    blocks of rows to keep the check's memory small."""
+    blocks of rows to keep the check's memory small.
+
+    `min_hides` (an additive mask of transformers' eager path): the dtype's lowest value hides a
+    key as -inf does, but only in a row that sees some key (one that sees none gets equal
+    weights over every key, later ones included); every row must then see one."""
     length = mask.shape[-1]
     for r0 in range(0, mask.shape[-2], rows_per_block):
         block = mask[..., r0:r0 + rows_per_block, :]
-        allowed = block if block.dtype == torch.bool else block > float("-inf")
+        if block.dtype == torch.bool:
+            allowed = block
+        elif min_hides:
+            allowed = block > torch.finfo(block.dtype).min
+            if not allowed.any(-1).all():
+                return False
+        else:
+            allowed = block > float("-inf")
         later = torch.ones(block.shape[-2], length, dtype=torch.bool,
                            device=mask.device).triu(r0 + 1)
         if (allowed & later).any():

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from memcompile.analysis import attention
 from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.document_mask import DocumentIds
@@ -289,7 +290,9 @@ def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:
         mask = attention.mask(node)
         value = whole.get(mask) if isinstance(mask, fx.Node) else None
         if isinstance(value, (torch.Tensor, DocumentIds)):
-            if not (value.causal if isinstance(value, DocumentIds) else mask_is_causal(value)):
+            min_hides = node.target is EAGER_ATTENTION  # finfo.min hides (analysis.masks)
+            if not (value.causal if isinstance(value, DocumentIds)
+                    else mask_is_causal(value, min_hides=min_hides)):
                 log.warning("stream: %s's mask lets queries see later keys; the layer's "
                             "backward re-runs it whole", node.name)
                 return False

@@ -31,7 +31,7 @@ def _compile_step(options: dict, *, model: str = "tiny", seq_len: int = 64):
 
 
 def test_the_stream_steps_are_passes_of_the_stream_pipeline():
-    stream = ["causal_mask", "key_mask", "document_mask", "stream_plan"]
+    stream = ["eager_attention", "causal_mask", "key_mask", "document_mask", "stream_plan"]
     assert default_pipeline("eager", graph="stream") == stream
     assert all(graph_of(n) == "stream" for n in stream)
     assert "stream_plan" not in default_pipeline("eager")  # the joint graph's pipeline
@@ -42,11 +42,11 @@ def test_a_streamed_step_runs_its_passes_through_the_runner_with_dumps(tmp_path)
                                      "dump_dir": str(tmp_path)})
     (record,) = records
     assert record.kind == "stream" and not caught
-    assert [p.name for p in record.passes] == ["causal_mask", "key_mask", "document_mask",
-                                               "stream_plan"]
+    assert [p.name for p in record.passes] == ["eager_attention", "causal_mask", "key_mask",
+                                               "document_mask", "stream_plan"]
     assert all(p.seconds > 0 for p in record.passes)
     files = set(os.listdir(tmp_path / record.name))
-    assert {"03_stream_plan_before.py", "03_stream_plan_after.py", "forward.py",
+    assert {"04_stream_plan_before.py", "04_stream_plan_after.py", "forward.py",
             "decisions.tsv"} <= files
     assert "backward.py" not in files  # the stream runtime runs the plan, not a backward graph
     rows = (tmp_path / record.name / "decisions.tsv").read_text().splitlines()[1:]
@@ -58,8 +58,8 @@ def test_disabling_the_stream_plan_warns_and_runs_the_joint_pipeline():
                                      "disable_passes": ["stream_plan"]})
     (record,) = records
     assert record.kind == "training"
-    assert [p.name for p in record.passes] == ["causal_mask", "key_mask", "document_mask",
-                                               "remove_noops", "plan_remat"]
+    assert [p.name for p in record.passes] == ["eager_attention", "causal_mask", "key_mask",
+                                               "document_mask", "remove_noops", "plan_remat"]
     (warning,) = caught
     text = str(warning.message)
     assert record.name in text and "stream (StreamBP) not applied" in text
@@ -87,7 +87,8 @@ def test_a_stream_pass_that_raises_is_named_with_the_passes_before_it(monkeypatc
         _compile_step({"runtime": "eager", "stream": True, "dump_dir": str(tmp_path)})
     text = str(raised.value)
     assert "pass 'stream_plan' failed with RuntimeError: boom" in text
-    assert "passes run before it: causal_mask, key_mask, document_mask" in text
+    assert ("passes run before it: eager_attention, causal_mask, key_mask, document_mask"
+            in text)
     assert any(name.endswith("stream_plan_failed_on.py")
                for _, _, names in os.walk(tmp_path) for name in names)
 

@@ -48,11 +48,11 @@ ZOO: dict[str, tuple[str, dict, str | None]] = {
                                 "num_attention_heads": 4}, STREAMS),
     "gptj": ("GPTJConfig", {"vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 4,
                             "rotary_dim": 8}, STREAMS),
-    # Eager attention (matmul, softmax, matmul): Gemma2 for its logit softcapping, Bloom for
-    # ALiBi. Not recognized as attention yet.
-    "gemma2": ("Gemma2Config", _HEAD16, "no attention over the sequence was found"),
+    # Eager attention (matmul, softmax, matmul), made one op by the eager_attention pass:
+    # Gemma2 for its logit softcapping, Bloom for ALiBi (baddbmm's added term).
+    "gemma2": ("Gemma2Config", _HEAD16, STREAMS),
     "bloom": ("BloomConfig", {"vocab_size": 256, "hidden_size": 64, "n_layer": 2, "n_head": 4},
-              "no attention over the sequence was found"),
+              STREAMS),
     # Dropout 0.1 by default: a layer re-run in the backward would draw new masks, so it stays
     # whole (the streamed step would not match the unstreamed one).
     "opt": ("OPTConfig", {"vocab_size": 256, "hidden_size": 64, "ffn_dim": 128,

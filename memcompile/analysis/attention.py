@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
+
 aten = torch.ops.aten
 
 
@@ -50,8 +52,12 @@ ATTENTION_OPS = (
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
+    EAGER_ATTENTION,
 )
-"""Attention kernels: queries, keys and values are `(B, H, T, D)`; the output's rows are queries."""
+"""Attention kernels: queries, keys and values are `(B, H, T, D)`; the output's rows are queries.
+The last is memcompile's own (`analysis.eager_attention`): the matmul, softmax, matmul chain of
+transformers' eager path, put in the graph by the `eager_attention` pass; it returns the output
+alone (`AttentionLayout.outputs` 1), no log-sum-exp."""
 
 LAYOUTS: dict[Any, AttentionLayout] = {op: AttentionLayout.of(op) for op in ATTENTION_OPS}
 

@@ -60,17 +60,25 @@ class KeyMaskSplit:
     hidden: object
 
 
-def is_causal_mask(mask: torch.Tensor) -> bool:
+def is_causal_mask(mask: torch.Tensor, *, min_hides: bool = False) -> bool:
     """Whether `(..., T, T)` `mask` lets each query see exactly the keys up to its own position
     (boolean: True = visible; additive: 0 visible, -inf hidden), the same for every batch and
-    head."""
+    head.
+
+    `min_hides`: the dtype's lowest finite value hides a key too. transformers' eager path
+    adds that value, not -inf (its softmax would give NaN on a row of -inf). Where every query
+    sees its own key, as here, the two weigh a hidden key the same: exactly zero."""
     if mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
         return False
     length = mask.shape[-1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
     if mask.dtype == torch.bool:
         return bool((mask == causal).all())
-    return bool(((mask == 0) == causal).all() and (mask[..., ~causal] == float("-inf")).all())
+    hidden = mask[..., ~causal]
+    hides = hidden == float("-inf")
+    if min_hides:
+        hides = hides | (hidden == torch.finfo(mask.dtype).min)
+    return bool(((mask == 0) == causal).all() and hides.all())
 
 
 def split_key_mask(mask: fx.Node) -> KeyMaskSplit | str:

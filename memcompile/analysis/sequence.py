@@ -244,17 +244,21 @@ class _Rules:
 
     def _attention(self, node: fx.Node) -> tuple[Effect, SeqDim | None, str]:
         q = self.info.dims.get(node.args[0])
+        outs = node.meta["val"]
+        single = isinstance(outs, torch.Tensor)  # memcompile::eager_attention: the output alone
         if q is not None and q.dim == 0 and all(
                 self.info.dims.get(a) in (None, q) for a in node.args[1:3]):
             # Chunking the batch: attention stays within each sample.
-            outs = node.meta["val"]
+            if single:
+                return "local", q, ""
             return "local", tuple(q if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
                                   for v in outs), ""
         if q is None or q.dim != 2:
             return "unknown", None, "attention whose queries do not hold the sequence in dim 2"
         if attention.dropout(node):
             return "unknown", None, "attention with dropout (a re-run would draw a new mask)"
-        outs = node.meta["val"]
+        if single:
+            return "mixes", q, ""
         # The log-sum-exp holds a row per query, except the memory-efficient kernel's, padded
         # to a multiple of 32 rows: that one has no sequence dimension to cut.
         rows = outs[0].shape[2]

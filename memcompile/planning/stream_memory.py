@@ -6,7 +6,8 @@ run eagerly, outside any graph. At the traced length, the step holds at once
 - the parameters' gradients (they accumulate through the backward),
 - the layer inputs the reversal holds (`c` of them, `stream_schedule`),
 - a layer's whole-length values built from the inputs alone (rotary tables),
-- one chunk's working values (everything a layer chunk or a head chunk computes), and
+- one chunk's working values (everything a layer chunk or a head chunk computes, the
+  scores of transformers' eager attention included: plain ops hold them), and
 - in a forward, two more hidden states (a layer's input and output, or the head's input and
   its gradient) and attention's keys and values;
 - in a backward, one more hidden state (a layer's output and input gradients share a buffer),
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.analysis.masks import DOCUMENT_MASK
 from memcompile.errors import MemoryBudgetError
 from memcompile.planning.stream_schedule import least_checkpoints
@@ -126,12 +128,32 @@ def _tables(region: Any, plan: Any, whole: bool = False) -> int:
 
 def _chunk_bytes(region: Any, plan: Any, whole: bool = False) -> int:
     """What a chunk of `region` computes: its whole-length values' bytes, scaled to the chunk
-    (`whole`: to the whole length)."""
+    (`whole`: to the whole length), and the scores of eager attention in it."""
     length = plan.info.length
     chunk = length if whole else min(region.chunk_size or length, length)
     whole = sum(_bytes(n) for n in region.nodes
                 if n in plan.activations and n not in region.prefix and plan.info.dim_of(n))
-    return whole * chunk // max(length, 1)
+    scores = sum(_eager_scores(n) for n in region.nodes if n.target is EAGER_ATTENTION)
+    return (whole + scores) * chunk // max(length, 1)
+
+
+EAGER_SCORES_HELD = 4
+"""Scores-sized values a chunk of `memcompile::eager_attention` holds at once: plain ops keep
+the capped scores, the softmax's output and the probabilities for the backward, and one more
+is being computed."""
+
+
+def _eager_scores(node: fx.Node) -> int:
+    """Bytes of eager attention's scores over the whole length, `EAGER_SCORES_HELD` times: the
+    op computes them in plain tensor ops (`runtime.chunk_attention.prefix_eager_attention`),
+    `(B, H, queries, keys)`, in the widest of the values' and the softmax's dtypes."""
+    out = node.meta.get("val")
+    key = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    if not isinstance(out, torch.Tensor) or not isinstance(key, torch.Tensor):
+        return 0
+    dtype = node.kwargs.get("softmax_dtype") or out.dtype
+    size = max(out.element_size(), torch.empty((), dtype=dtype).element_size())
+    return EAGER_SCORES_HELD * out.numel() // out.shape[-1] * key.shape[2] * size
 
 
 def _bytes(node: fx.Node, widened: bool = False) -> int:
