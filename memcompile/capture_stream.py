@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memcompile.analysis.sequence import is_token_tensor
 from memcompile.capture import compile_graph, is_scalar_input, trace_static
 from memcompile.config import Options
 from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
@@ -56,7 +57,7 @@ def compile_stream(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
                                f"inputs of types {', '.join(kinds)}", auto)
     if auto and not torch.is_grad_enabled():
         return _without_stream(gm, example_inputs, options, record, "no backward", auto)
-    if auto and not any(_may_hold_tokens(x) for x in example_inputs):
+    if auto and not any(is_token_tensor(x) for x in example_inputs):
         return _without_stream(gm, example_inputs, options, record,
                                "no integer (batch, length) input: no sequence to chunk", auto)
     concrete = [_hint(x) for x in example_inputs]
@@ -166,12 +167,6 @@ def _key(args: Sequence[Any]) -> tuple:
 def _hint(x: Any) -> Any:
     """A symbolic size as the value Dynamo captured it at (no guard is installed)."""
     return int(x.node.hint) if isinstance(x, torch.SymInt) else x
-
-
-def _may_hold_tokens(x: Any) -> bool:
-    """Whether `x` could be a `(batch, length)` token input (two dimensions, not floating
-    point), what the sequence analysis starts from; without one, "auto" skips the attempt."""
-    return isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point()
 
 
 def _has_symbolic_shape(x: torch.Tensor) -> bool:

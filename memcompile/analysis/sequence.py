@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -75,6 +75,12 @@ class SequenceInfo:
         return self.dims.get(node)
 
 
+def is_token_tensor(val: Any) -> bool:
+    """Whether `val` can be a `(batch, T)` token input: integer, rank 2, longer than 1."""
+    return (isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point()
+            and val.dtype != torch.bool and val.shape[1] > 1)
+
+
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     val = node.meta.get("val")
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
@@ -87,9 +93,7 @@ def token_inputs(graph: fx.Graph) -> tuple[list[fx.Node], int | None]:
     """
     candidates = []
     for node in graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if (isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point()
-                and val.dtype != torch.bool and val.shape[1] > 1):
+        if is_token_tensor(node.meta.get("val")):
             candidates.append(node)
     if not candidates:
         return [], None
