@@ -12,6 +12,7 @@ Inductor compiles them, with a note saying so.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memcompile.config import Options
+from memcompile.meta import REMAT_PLAN
 from memcompile.optim import fused
 from memcompile.partition import MemcompilePartitioner
 from memcompile.passes.registry import resolve_pipeline
@@ -117,6 +119,56 @@ def _check_requests(record: GraphRecord, options: Options,
                              f"{options.memory_budget!r} asks for the remat plan (stream is "
                              "decided under memory_budget 'auto'; stream=True streams)"))
     warn_unmet(record, unmet)
+
+
+def planned_remat_peak(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,
+                       name: str) -> int | None:
+    """The peak `plan_remat` plans for the graph under `options`, above the step's start (the
+    parameters' gradients included: AOTAutograd's backward returns them as new tensors); None
+    when it plans none (no backward, or the pass is not in the pipeline).
+
+    The joint graph is traced and planned; nothing is split or compiled. It is what
+    `stream="auto"` weighs a stream plan against. Outside Dynamo's tracing context, so the
+    compile that follows sees none of it."""
+    planner = _PlanOnly(options.replace(dump_dir=None), GraphRecord(name=name))
+    if options.runtime == "inductor":
+        # The joint graph Inductor would hand its partitioner: its decompositions, its
+        # joint-graph passes (pattern rewrites that change what is saved).
+        from torch._inductor.compile_fx import partition_fn
+        from torch._inductor.decomposition import select_decomp_table
+
+        backend = aot_autograd(
+            fw_compiler=compile_eager, bw_compiler=compile_eager,
+            partition_fn=functools.partial(partition_fn, partitioner_fn_override=planner),
+            decompositions=select_decomp_table(), keep_inference_input_mutations=True)
+    else:
+        backend = aot_autograd(fw_compiler=compile_eager, bw_compiler=compile_eager,
+                               partition_fn=planner, keep_inference_input_mutations=True)
+    try:
+        with torch._guards.tracing(None), torch._functorch.config.patch(
+                enable_autograd_cache=False):
+            backend(gm, list(example_inputs))
+    except _Planned as planned:
+        return planned.peak
+    return None  # no joint graph: nothing requires grad
+
+
+class _Planned(Exception):
+    """Raised by `_PlanOnly` to stop AOTAutograd once the plan is made."""
+
+    def __init__(self, peak: int | None):
+        super().__init__(peak)
+        self.peak = peak
+
+
+class _PlanOnly(MemcompilePartitioner):
+    """Runs the joint graph's passes, then stops with the remat plan's peak."""
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any) -> Any:
+        kwargs.pop("compiler", None)
+        gm = self.run_pipeline(gm, joint_inputs, **kwargs)
+        plan = gm.meta.get(REMAT_PLAN)
+        raise _Planned(plan.chosen_peak if plan is not None else None)
 
 
 def _aot_cache_hits() -> int:

@@ -23,14 +23,15 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.sequence import is_token_tensor
-from memcompile.capture import compile_graph, is_scalar_input, trace_static
+from memcompile.capture import (compile_graph, is_scalar_input, planned_remat_peak,
+                                trace_static)
 from memcompile.config import Options
 from memcompile.meta import DECISIONS, NOTES, STREAM_PLAN, UNMET
 from memcompile.optim import fused
 from memcompile.per_size import sizes_key
 from memcompile.passes.registry import resolve_pipeline
 from memcompile.passes.stream_plan import STREAM_PASS
-from memcompile.planning.stream_auto import decide
+from memcompile.planning.stream_auto import decide, new_gradients
 from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runner import run_passes
 from memcompile.runtime.stream_program import StreamProgram
@@ -120,8 +121,11 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     if plan is None:
         return None
     if auto:
-        decision = decide(plan, [x for x in inputs
-                                 if isinstance(x, torch.Tensor) and x.requires_grad])
+        parameters = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        allocated = new_gradients(plan, list(forward.graph.find_nodes(op="placeholder")),
+                                  list(inputs))
+        decision = decide(plan, parameters, allocated,
+                          lambda: _remat_peak(gm, inputs, options, record.name))
         log.info("%s: %s", record.name, decision)
         record.notes.append((STREAM_PASS, str(decision)))
         if not decision.on:
@@ -136,11 +140,28 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
              "chunked" if plan.head else "whole")
     program = StreamProgram(forward, plan, fused.slots_of(inputs))  # records fused updates
+    for made, (chain, _) in program.rebuilt.items():
+        reads = sorted({n.name for node in chain for n in node.all_input_nodes} - set(
+            n.name for n in chain))
+        record.notes.append((STREAM_PASS, f"layer inputs: {made.name}, a run's first, is made "
+                             f"again in the backward ({len(chain)} ops from {', '.join(reads)}) "
+                             "instead of held"))
     record.decisions = list(forward.meta.get(DECISIONS, []))
     if options.dump_dir:
         record.dump(options.dump_dir)
     warn_unmet(record, forward.meta.get(UNMET, []))
     return program
+
+
+def _remat_peak(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
+                name: str) -> int | None:
+    """The remat plan's planned peak for `stream="auto"` to weigh; None (the whole-length
+    estimate stands in) when planning it fails."""
+    try:
+        return planned_remat_peak(gm, inputs, options, name)
+    except Exception as error:  # noqa: BLE001 - the decision has a stand-in
+        log.info("%s: stream 'auto': planning the remat plan failed: %r", name, error)
+        return None
 
 
 def stream_forward(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options,

@@ -78,19 +78,7 @@ class MemcompilePartitioner(CustomPartitionerFn):
         self, gm: fx.GraphModule, joint_inputs: Sequence[Any], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         kwargs.pop("compiler", None)
-        self.record.kind = "training"
-        self.record.num_user_outputs = kwargs["num_fwd_outputs"]
-        self.record.joint_before = gm.code
-        gm = prepare_joint(gm)
-        gm.meta[JOINT] = {
-            "num_fwd_outputs": kwargs["num_fwd_outputs"],
-            "static_lifetime_input_indices": list(kwargs.get("static_lifetime_input_indices")
-                                                  or ()),
-        }
-        gm, records = run_passes(
-            gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
-        )
-        self.record.passes = [*self.record.passes, *records]  # after a stream attempt's
+        gm = self.run_pipeline(gm, joint_inputs, **kwargs)
         if has_remat_tags(gm):
             fw, bw, _ = split_by_remat_tags(
                 gm, num_fwd_outputs=kwargs["num_fwd_outputs"],
@@ -118,6 +106,25 @@ class MemcompilePartitioner(CustomPartitionerFn):
             len(self.record.decisions_of("saved")), len(self.record.decisions_of("recomputed")),
         )
         return fw, bw
+
+    def run_pipeline(self, gm: fx.GraphModule, joint_inputs: Sequence[Any],
+                     **kwargs: Any) -> fx.GraphModule:
+        """The joint graph prepared as torch's partitioner prepares it, through the passes
+        (the remat plan, if one results, in `meta[REMAT_PLAN]`)."""
+        self.record.kind = "training"
+        self.record.num_user_outputs = kwargs["num_fwd_outputs"]
+        self.record.joint_before = gm.code
+        gm = prepare_joint(gm)
+        gm.meta[JOINT] = {
+            "num_fwd_outputs": kwargs["num_fwd_outputs"],
+            "static_lifetime_input_indices": list(kwargs.get("static_lifetime_input_indices")
+                                                  or ()),
+        }
+        gm, records = run_passes(
+            gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name
+        )
+        self.record.passes = [*self.record.passes, *records]  # after a stream attempt's
+        return gm
 
     def uuid(self) -> Any:
         """What Inductor's caches key this partitioner by: memcompile's code and the options.

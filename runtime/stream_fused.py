@@ -34,7 +34,7 @@ from memcompile.analysis.memory import tensor_bytes
 from memcompile.errors import MemcompileWarning
 from memcompile.meta import Decision, record_decision
 from memcompile.optim import fused
-from memcompile.runtime.stream_accumulate import readers
+from memcompile.analysis.readers import readers
 
 log = logging.getLogger(__name__)
 

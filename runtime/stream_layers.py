@@ -20,6 +20,7 @@ from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, w
 from memcompile.runtime.stream_accumulate import deliver_complete
 from memcompile.runtime.stream_fused import RegionUpdates, update_complete
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
+from memcompile.runtime.stream_rebuild import Rebuild, held
 from memcompile.runtime.stream_tail import fill_whole
 
 log = logging.getLogger(__name__)
@@ -36,13 +37,14 @@ class StreamLayers(torch.autograd.Function):
     `group_side(runners)`'s order. `updates[i]`: the weights only layer `i` reads, updated by
     their optimizer as soon as that layer's backward is done (`stream_fused`); the run returns
     no gradient for them. `own[i]`: the weights only layer `i` reads, whose gradients reach
-    `.grad` as soon as that layer's backward is done (`stream_accumulate`).
+    `.grad` as soon as that layer's backward is done (`stream_accumulate`). `rebuild`: makes
+    the run's input again, which is then not held (`stream_rebuild`); None holds it.
     """
 
     @staticmethod
     def forward(ctx: Any, runners: list[ChunkRunner], reversal: Reversal,
-                updates: list[RegionUpdates], own: list[set[fx.Node]], x: torch.Tensor,
-                *side: Any) -> torch.Tensor:
+                updates: list[RegionUpdates], own: list[set[fx.Node]], rebuild: Rebuild | None,
+                x: torch.Tensor, *side: Any) -> torch.Tensor:
         values = dict(zip(group_side(runners), side))
         kept = set(reversal.kept_in_forward())
         # Kept inputs live on ctx, not in save_for_backward: the backward drops each as soon as
@@ -51,7 +53,7 @@ class StreamLayers(torch.autograd.Function):
         h = x
         for i, runner in enumerate(runners):
             if i in kept:
-                ctx.states[i] = h
+                ctx.states[i] = rebuild if i == reversal.start and rebuild is not None else h
             h, chunk = layer_forward(runner, h, values)
             ctx.chunks.append(chunk)
         ctx.runners, ctx.reversal, ctx.updates, ctx.own = runners, reversal, updates, own
@@ -68,7 +70,7 @@ class StreamLayers(torch.autograd.Function):
         ctx.states = None
         reversal: Reversal = ctx.reversal
         grad = walk.reverse(reversal, walk.states.pop(reversal.start), grad_out)
-        return (None, None, None, None, grad, *(walk.totals.get(n) for n in order))
+        return (None, None, None, None, None, grad, *(walk.totals.get(n) for n in order))
 
 
 class _Walk:
@@ -83,12 +85,15 @@ class _Walk:
         self.updates, self.own = updates, own
         self.totals: dict[fx.Node, torch.Tensor | None] = {}
 
-    def reverse(self, part: Reversal, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient at `part`'s input, given the one at its output; `x` is its input."""
+    def reverse(self, part: Reversal, x: torch.Tensor | Rebuild, grad: torch.Tensor
+                ) -> torch.Tensor:
+        """The gradient at `part`'s input, given the one at its output; `x` is its input (or
+        makes it: then it exists only while a layer reads it)."""
         if not part.split:
             runner = self.runners[part.start]
             layer_side = [self.values[n] for n in runner.region.side_inputs]
-            grads = _layer_backward(runner, x, layer_side, grad, self.chunk_sizes[part.start])
+            grads = _layer_backward(runner, held(x), layer_side, grad,
+                                    self.chunk_sizes[part.start])
             # Its own weights' gradients are complete: update them (fused) or accumulate them
             # into .grad now, and drop them.
             update_complete(self.updates[part.start], runner.region.side_inputs, grads.side)
@@ -99,7 +104,7 @@ class _Walk:
             return grads.result()
         middle = self.states.pop(part.middle, None)
         if middle is None:  # not kept by the forward: re-run the layers before it
-            middle = x
+            middle = held(x)
             for runner in self.runners[part.start:part.middle]:
                 middle = layer_forward(runner, middle, self.values)[0]
         grad = self.reverse(part.right, middle, grad)
@@ -166,6 +171,9 @@ def _backward_prefix_per_chunk(grads: RegionGrads, grad_out: torch.Tensor, chunk
             write_rows(grads.x, x_seq, first, found[0], add=True)
         grads.add_side(found[1:])
         grads.forget_param_values()
+        # The chunk's weight gradients (a layer's worth) and output die here, not when the
+        # next chunk's recompute reassigns them: else two chunks' are live at its peak.
+        del found, out, x_part
 
 
 def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:
@@ -261,6 +269,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
                 write_rows(sums[node], info.dim_of(node), first, part, add=True)
         grads.add_side(found[1 + len(preset):])
         grads.forget_param_values()
+        del found, out, x_part, preset, sinks, leaves  # before the next chunk (see above)
     del boundary
     for start, end in chunks(runner.length, chunk):
         with torch.enable_grad():
@@ -278,6 +287,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
             write_rows(grads.x, x_seq, start, found[0], add=True)
         grads.add_side(found[1:])
         grads.forget_param_values()
+        del found, made, x_part  # before the next chunk (see above)
 
 
 def _masks_causal(runner: ChunkRunner, whole: dict[fx.Node, Any]) -> bool:

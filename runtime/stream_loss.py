@@ -253,6 +253,8 @@ def _head_backward_pass(grads: RegionGrads, seeds: dict[fx.Node, list[Any]],
                 write_rows(grads.x, seq, start, found[0], add=True)
             grads.add_side(found[1:])
         grads.forget_param_values()
+        # The chunk's weight gradients die before the next chunk runs, not when it reassigns.
+        del found, x_part, shares
     return totals
 
 
@@ -320,6 +322,7 @@ class StreamBatch(torch.autograd.Function):
                      for n in roots], allow_unused=True)
             grads.add_side(part)
             grads.forget_param_values()
+            del part, rows  # before the next chunk runs
         update_complete(ctx.updates, region.side_inputs, grads.side)
         return (None, None, *grads.side)
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch.fx as fx
 
+from memcompile.analysis.readers import sole_readers
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead
-from memcompile.runtime.stream_accumulate import sole_readers
 from memcompile.runtime.stream_fused import StreamUpdates, on_grad, plan_updates
+from memcompile.runtime.stream_rebuild import Rebuild, rebuild_chain
 from memcompile.runtime.stream_tail import resolve
 
 
@@ -44,6 +45,13 @@ class StreamProgram:
         groups += [([r], None) for r in self.runners if r.region.kind != "layer"]
         self.trigger = {group[-1].region.nodes[-1]: (group, walk) for group, walk in groups}
         self.trigger_of = {r: node for node, (group, _) in self.trigger.items() for r in group}
+        # Runs whose first input is cheaper to make again than to hold (`stream_rebuild`).
+        # Each maps to the ops that make it and the node its run starts at.
+        self.rebuilt: dict[fx.Node, tuple[list[fx.Node], fx.Node]] = {}
+        for run in plan.runs:
+            chain = rebuild_chain(run[0].input, self.owner, plan.info)
+            if chain is not None:
+                self.rebuilt[run[0].input] = (chain, self.trigger_of[runner_of[id(run[0])]])
         self.dies_after = self._lifetimes()
         self.updates: StreamUpdates = plan_updates(gm, fused_slots or {}, self.owner)
         self.own = sole_readers(gm, self.owner)
@@ -60,6 +68,11 @@ class StreamProgram:
                 runner = self.owner.get(user)
                 uses.append(index[self.trigger_of[runner]] if runner else index[user])
             last[node] = max(uses, default=index[node])
+        for chain, run_at in self.rebuilt.values():  # what a rebuild reads lives to its run
+            for node in chain:
+                for read in node.all_input_nodes:
+                    if read in last:
+                        last[read] = max(last[read], index[run_at])
         dies: dict[int, list[fx.Node]] = {}
         for node, i in last.items():
             if self.nodes[i].op != "output":
@@ -93,8 +106,10 @@ class StreamProgram:
             side = [env[n] for n in group_side(group)]
             layer_updates = [updates.of(r.region) for r in group]
             own = [self.own.get(id(r.region), set()) for r in group]
+            chain, _ = self.rebuilt.get(region.input, (None, None))
+            rebuild = Rebuild(chain, env) if chain is not None else None
             env[group[-1].region.outputs[0]] = StreamLayers.apply(
-                group, walk, layer_updates, own, env[region.input], *side)
+                group, walk, layer_updates, own, rebuild, env[region.input], *side)
         elif region.kind == "batch":
             outs = StreamBatch.apply(group[0], updates.of(region),
                                      *(env[n] for n in region.side_inputs))

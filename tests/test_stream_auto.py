@@ -1,15 +1,17 @@
-"""`stream="auto"`, the default: a graph streams when its plan's estimated peak is at most
-`AUTO_PEAK_RATIO` of the same estimate with every chunk the whole length
-(`planning.stream_auto`), and takes the remat plan otherwise; the report states the decision and
-its numbers, and no warning is given either way (the user asked for nothing).
+"""`stream="auto"`, the default: a graph streams when a region chunks and its plan's estimated
+peak is at most `AUTO_PEAK_RATIO` of the peak the remat plan plans for it (`planning.stream_auto`),
+and takes the remat plan otherwise; the report states the decision and its numbers, and no
+warning is given either way (the user asked for nothing). The estimate counts only the gradients
+the streamed step allocates: not those of a layer's own weights when `.grad` exists.
 
 The built-in Llama (float64, hidden 64, vocabulary 1,024): with the default chunk sizes (1,024
-tokens per layer chunk) nothing chunks at 1,024 tokens, and at 4,096 the streamed estimate is
-a third of the whole-length one.
+tokens per layer chunk) nothing chunks at 1,024 tokens; at 4,096 the streamed estimate is well
+under the remat plan's peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -17,8 +19,9 @@ import torch
 
 from helpers import FLOAT64_TOL, clone_model, compile_memcompile, grad_errors, relative_error
 from memcompile import MemcompileWarning
+from memcompile.backend import memcompile as memcompile_backend
 from memcompile.models import LlamaConfig, LlamaForCausalLM
-from memcompile.planning.stream_auto import AUTO_PEAK_RATIO
+from memcompile.planning.stream_auto import AUTO_PEAK_RATIO, decide, new_gradients
 from memcompile.report import recording
 
 CONFIG = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=176, num_layers=2,
@@ -45,21 +48,75 @@ def _run(length: int, **options):
     return record, decision
 
 
+def _numbers(decision: str) -> tuple[int, int]:
+    """(streamed, remat) bytes from a decision note."""
+    streamed = decision.split("estimated peak ")[1].split(" bytes streamed, ")[0]
+    remat = decision.split(" bytes streamed, ")[1].split(" by ")[0]
+    return int(streamed.replace(",", "")), int(remat.replace(",", ""))
+
+
 def test_a_long_sequence_streams_by_default_exactly():
     record, (decision,) = _run(4096)
     assert record.kind == "stream"
     assert len(record.stream_plan.layers) == 2 and record.stream_plan.head is not None
     assert decision.startswith("stream 'auto': on: estimated peak ")
-    streamed, whole = (int(x.replace(",", "")) for x in
-                       decision.split("estimated peak ")[1].split(" bytes streamed, ")[0:1]
-                       + [decision.split(" bytes streamed, ")[1].split(" with")[0]])
-    assert streamed <= AUTO_PEAK_RATIO * whole
+    assert "by the remat plan's planned peak" in decision
+    streamed, remat = _numbers(decision)
+    assert streamed <= AUTO_PEAK_RATIO * remat
 
 
 def test_where_no_chunk_is_shorter_than_the_length_the_remat_plan_runs():
     record, (decision,) = _run(1024)
     assert record.kind == "training"
-    assert decision.startswith("stream 'auto': off:") and "(1.00x > 0.5x)" in decision
+    assert decision.startswith("stream 'auto': off: every region fits in one chunk")
+
+
+def test_the_decision_follows_the_remat_plans_peak():
+    """The same plan against remat peaks just above and just below the streamed estimate over
+    the ratio; the remat plan is not planned when nothing chunks."""
+    record, _ = _run(4096)
+    plan = record.stream_plan
+    at_ratio = decide(plan, [], [], lambda: 2**60).streamed / AUTO_PEAK_RATIO
+    assert decide(plan, [], [], lambda: int(at_ratio) + 1).on
+    assert not decide(plan, [], [], lambda: int(at_ratio) - 1).on
+
+    def never() -> int:
+        raise AssertionError("planned the remat plan with nothing to chunk")
+
+    whole = dataclasses.replace(plan, regions=[dataclasses.replace(r, chunk_size=0)
+                                               for r in plan.regions])
+    assert not decide(whole, [], [], never).chunked
+
+
+def test_with_no_remat_plan_the_whole_length_estimate_stands_in():
+    record, (decision,) = _run(4096, disable_passes=["plan_remat"])
+    assert "recomputing each layer whole (no remat plan to weigh)" in decision
+
+
+def test_only_gradients_the_step_allocates_are_counted():
+    """With `.grad` existing, a layer's own weights add nothing (added into `.grad` in place);
+    the embedding and the head's weights still do; with no `.grad`, every weight does."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).double()
+    seen = {}
+
+    def backend(gm, inputs):
+        seen["inputs"] = list(inputs)
+        return memcompile_backend(gm, inputs, {"runtime": "eager"})
+
+    ids = torch.randint(0, 1024, (1, 4096), generator=torch.Generator().manual_seed(0))
+    with recording() as records:
+        torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend=backend)(ids)
+    (record,) = records
+    plan, graph_inputs = record.stream_plan, seen["inputs"]
+    placeholders = list(record.forward.graph.find_nodes(op="placeholder"))
+    weights = [x for x in graph_inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    assert new_gradients(plan, placeholders, graph_inputs) == weights  # no .grad yet
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    kept = {id(x) for x in new_gradients(plan, placeholders, graph_inputs)}
+    assert {id(model.lm_head.weight), id(model.embed_tokens.weight)} <= kept
+    assert not kept & {id(p) for p in model.layers.parameters()}
 
 
 @pytest.mark.parametrize("budget", [None, 0.8])

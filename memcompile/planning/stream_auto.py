@@ -1,31 +1,46 @@
-"""`stream="auto"` (the default): whether StreamBP pays for a graph, from its plan's estimate.
+"""`stream="auto"` (the default): whether StreamBP pays for a graph, weighed against the remat plan.
 
-StreamBP and the remat plan that `memory_budget="auto"` makes cost about the same time: each
-recomputes at most one forward of the layers in the backward (measured on CPU: a streamed step
-at 1.04x per-layer checkpointing's time, BENCHMARKS.md). What differs is the peak. The remat
-plan can at best hold the layer inputs and recompute one layer at a time whole: one layer's and
-the loss head's values at the full length. StreamBP holds the same inputs and a chunk of those.
-So the rule compares the stream plan's estimated peak with the same estimate at chunks of the
-whole length (`stream_memory.estimate(..., whole=True)`, a lower bound on the remat plan's):
+With `memory_budget="auto"` the alternative to streaming is the remat plan: the least peak
+`plan_remat` reaches for at most one extra forward of recompute. StreamBP recomputes about one
+forward too (each layer re-runs in chunks in the backward), so the two cost about the same
+compute; they differ in peak. The rule compares the two peaks, both above the step's start:
 
-    stream on  <=>  at least one layer chunks, and
-                    estimated streamed peak <= AUTO_PEAK_RATIO x estimated whole-length peak
+    stream on  <=>  some region runs in more than one chunk, and
+                    estimated streamed peak <= AUTO_PEAK_RATIO x the remat plan's planned peak
 
-Short sequences, small vocabularies and graphs whose parameters' gradients dominate the peak
-stay on the remat plan: chunking would save little there and run more, smaller kernels.
+- The streamed peak is `stream_memory.estimate`, a bound on what the stream runtime holds. Of
+  the gradients it counts those the step allocates (`new_gradients`): every one whose weight has
+  no `.grad` when the graph is compiled, and those of weights outside a single layer (the
+  embedding, the head). A weight one layer alone reads gets its gradient added into an
+  existing `.grad` in place as that layer finishes (`runtime.stream_accumulate`), so under
+  gradient accumulation (or `zero_grad(set_to_none=False)`) it costs the step nothing.
+- The remat plan's peak is the one `plan_remat` plans for the graph (`capture.
+  planned_remat_peak`: traced and planned, not compiled). It always includes the gradients:
+  AOTAutograd's backward returns them as new tensors, which autograd then adds into `.grad`.
+  Where no remat plan results (the pass is disabled), the stream estimate with every chunk the
+  whole length stands in for it (`estimate(..., whole=True)`, what recomputing each layer whole
+  holds).
+
+The ratio is below 1 because the stream estimate is a bound and the plan a prediction, and
+because on the CPU StreamBP runs its chunks eagerly (Python, op by op) while the remat plan runs
+Inductor's kernels: the time it costs is about per-layer checkpointing's (BENCHMARKS.md), so it
+should buy a clearly lower peak.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx as fx
 
+from memcompile.analysis.readers import sole_readers_of
 from memcompile.planning.stream_memory import estimate
 
-AUTO_PEAK_RATIO = 0.5
-"""Stream when its estimated peak is at most this fraction of the whole-length estimate."""
+AUTO_PEAK_RATIO = 0.9
+"""Stream when its estimated peak is at most this fraction of the remat plan's."""
 
 
 @dataclass(frozen=True)
@@ -34,25 +49,64 @@ class AutoDecision:
 
     on: bool
     streamed: int
-    """Estimated peak bytes above the step's start, streamed."""
-    whole: int
-    """The same estimate with every chunk the whole length."""
+    """Estimated streamed peak bytes above the step's start."""
+    remat: int
+    """The remat plan's planned peak (or the whole-length estimate, see `against`)."""
+    against: str
+    """What `remat` is: "the remat plan's planned peak" or the whole-length stand-in."""
+    chunked: bool
+    """Whether any region runs in more than one chunk."""
 
     @property
     def ratio(self) -> float:
-        return self.streamed / max(self.whole, 1)
+        return self.streamed / max(self.remat, 1)
 
     def __str__(self) -> str:
         verdict = "on" if self.on else "off"
+        if not self.chunked:
+            return ("stream 'auto': off: every region fits in one chunk at this length, so "
+                    "streaming would change nothing")
         relation = "<=" if self.on else ">"
         return (f"stream 'auto': {verdict}: estimated peak {self.streamed:,} bytes streamed, "
-                f"{self.whole:,} with each layer and the head recomputed whole "
-                f"({self.ratio:.2f}x {relation} {AUTO_PEAK_RATIO}x)")
+                f"{self.remat:,} by {self.against} ({self.ratio:.2f}x {relation} "
+                f"{AUTO_PEAK_RATIO}x)")
 
 
-def decide(plan: Any, parameters: list[torch.Tensor]) -> AutoDecision:
-    """Whether to stream the graph `plan` was made for (traced with `parameters` as inputs)."""
+def new_gradients(plan: Any, placeholders: list[fx.Node], inputs: list[Any]
+                  ) -> list[torch.Tensor]:
+    """The inputs (of the graph's `placeholders`) whose gradients a streamed step allocates:
+    those without a `.grad`, and those no single layer region alone reads."""
+    owner = {n: _Owner(r) for r in plan.regions for n in r.nodes}
+    in_place = {node for region in plan.regions if region.kind == "layer"
+                for node in sole_readers_of(placeholders, owner).get(id(region), ())}
+    return [x for node, x in zip(placeholders, inputs)
+            if isinstance(x, torch.Tensor) and x.requires_grad
+            and (x.grad is None or node not in in_place)]
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """What `analysis.readers.readers` looks up for a node: the region holding it."""
+
+    region: Any
+
+
+def decide(plan: Any, parameters: list[torch.Tensor], allocated: list[torch.Tensor],
+           remat_peak: Callable[[], int | None]) -> AutoDecision:
+    """Whether to stream the graph `plan` was made for, traced with `parameters` as inputs;
+    `allocated`: those whose gradients the streamed step allocates (`new_gradients`).
+    `remat_peak()` plans the remat plan's peak for it (None when it makes none); it is called
+    only when a region chunks."""
     layers = max((len(run) for run in plan.runs), default=0)
-    streamed = estimate(plan, parameters).peak(layers)
-    whole = estimate(plan, parameters, whole=True).peak(layers)
-    return AutoDecision(bool(plan.layers) and streamed <= AUTO_PEAK_RATIO * whole, streamed, whole)
+    streamed = estimate(plan, allocated).peak(layers)
+    length = plan.info.length
+    if not any((r.chunk_size or length) < length for r in plan.regions):
+        return AutoDecision(False, streamed, 0, "", chunked=False)
+    remat = remat_peak()
+    if remat is None:
+        remat = estimate(plan, parameters, whole=True).peak(layers)
+        against = "recomputing each layer whole (no remat plan to weigh)"
+    else:
+        against = "the remat plan's planned peak"
+    return AutoDecision(streamed <= AUTO_PEAK_RATIO * remat, streamed, remat, against,
+                        chunked=True)

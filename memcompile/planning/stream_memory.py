@@ -65,7 +65,8 @@ class StreamMemory:
 
 
 def estimate(plan: Any, parameters: list[torch.Tensor], *, whole: bool = False) -> StreamMemory:
-    """The peak's terms for `plan`, whose graph was traced with `parameters` as inputs.
+    """The peak's terms for `plan`, whose graph was traced with `parameters` as inputs (or
+    given the parameters whose gradients the step allocates).
 
     `whole=True`: the same regions with every chunk the whole length, what recomputing each
     layer whole (per-layer checkpointing, the least a remat plan reaches for one extra
