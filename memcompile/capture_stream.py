@@ -31,7 +31,7 @@ from memcompile.optim import fused
 from memcompile.per_size import sizes_key
 from memcompile.passes.registry import resolve_pipeline
 from memcompile.passes.stream_plan import STREAM_PASS
-from memcompile.planning.stream_auto import decide, new_gradients
+from memcompile.planning.stream_auto import decide, streamed_gradient_bytes
 from memcompile.report import GraphRecord, discard_record, new_record
 from memcompile.runner import run_passes
 from memcompile.runtime.stream_program import StreamProgram
@@ -122,9 +122,9 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
         return None
     if auto:
         parameters = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-        allocated = new_gradients(plan, list(forward.graph.find_nodes(op="placeholder")),
-                                  list(inputs))
-        decision = decide(plan, parameters, allocated,
+        held = streamed_gradient_bytes(plan, list(forward.graph.find_nodes(op="placeholder")),
+                                       list(inputs))
+        decision = decide(plan, parameters, held,
                           lambda: _remat_peak(gm, inputs, options, record.name))
         log.info("%s: %s", record.name, decision)
         record.notes.append((STREAM_PASS, str(decision)))

@@ -9,11 +9,12 @@ compute; they differ in peak. The rule compares the two peaks, both above the st
                     estimated streamed peak <= AUTO_PEAK_RATIO x the remat plan's planned peak
 
 - The streamed peak is `stream_memory.estimate`, a bound on what the stream runtime holds. Of
-  the gradients it counts those the step allocates (`new_gradients`): every one whose weight has
-  no `.grad` when the graph is compiled, and those of weights outside a single layer (the
-  embedding, the head). A weight one layer alone reads gets its gradient added into an
-  existing `.grad` in place as that layer finishes (`runtime.stream_accumulate`), so under
-  gradient accumulation (or `zero_grad(set_to_none=False)`) it costs the step nothing.
+  the gradients it counts what the step holds (`streamed_gradient_bytes`): every gradient of a
+  weight with no `.grad` when the graph is compiled, and the largest of the others that no
+  single layer reads alone (the embedding's, the head's: each lives until autograd adds it into
+  `.grad`). A weight one layer alone reads gets its gradient added into an existing `.grad` in
+  place as that layer finishes (`runtime.stream_accumulate`), so under gradient accumulation
+  (or `zero_grad(set_to_none=False)`) it costs the step nothing.
 - The remat plan's peak is the one `plan_remat` plans for the graph (`capture.
   planned_remat_peak`: traced and planned, not compiled). It always includes the gradients:
   AOTAutograd's backward returns them as new tensors, which autograd then adds into `.grad`.
@@ -29,6 +30,7 @@ should buy a clearly lower peak.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,16 +74,25 @@ class AutoDecision:
                 f"{AUTO_PEAK_RATIO}x)")
 
 
-def new_gradients(plan: Any, placeholders: list[fx.Node], inputs: list[Any]
-                  ) -> list[torch.Tensor]:
-    """The inputs (of the graph's `placeholders`) whose gradients a streamed step allocates:
-    those without a `.grad`, and those no single layer region alone reads."""
+def streamed_gradient_bytes(plan: Any, placeholders: list[fx.Node], inputs: list[Any]) -> int:
+    """Bytes of gradients the streamed step holds at most, for the graph's `placeholders` fed
+    `inputs`: every gradient of a weight without a `.grad` (they accumulate through the
+    backward into new `.grad`s), and the largest of those weights with a `.grad` that no single
+    layer region alone reads (the embedding's, the head's): each exists from its producer until
+    autograd adds it into `.grad`. A layer's own weights' gradients are added in place."""
     owner = {n: _Owner(r) for r in plan.regions for n in r.nodes}
     in_place = {node for region in plan.regions if region.kind == "layer"
                 for node in sole_readers_of(placeholders, owner).get(id(region), ())}
-    return [x for node, x in zip(placeholders, inputs)
-            if isinstance(x, torch.Tensor) and x.requires_grad
-            and (x.grad is None or node not in in_place)]
+    growing, transient = 0, 0
+    for node, x in zip(placeholders, inputs):
+        if not (isinstance(x, torch.Tensor) and x.requires_grad):
+            continue
+        size = x.numel() * x.element_size()
+        if x.grad is None:
+            growing += size
+        elif node not in in_place:
+            transient = max(transient, size)
+    return growing + transient
 
 
 @dataclass(frozen=True)
@@ -91,14 +102,15 @@ class _Owner:
     region: Any
 
 
-def decide(plan: Any, parameters: list[torch.Tensor], allocated: list[torch.Tensor],
+def decide(plan: Any, parameters: list[torch.Tensor], gradient_bytes: int,
            remat_peak: Callable[[], int | None]) -> AutoDecision:
     """Whether to stream the graph `plan` was made for, traced with `parameters` as inputs;
-    `allocated`: those whose gradients the streamed step allocates (`new_gradients`).
-    `remat_peak()` plans the remat plan's peak for it (None when it makes none); it is called
-    only when a region chunks."""
+    `gradient_bytes`: what the streamed step holds of their gradients
+    (`streamed_gradient_bytes`). `remat_peak()` plans the remat plan's peak for it (None when
+    it makes none); it is called only when a region chunks."""
     layers = max((len(run) for run in plan.runs), default=0)
-    streamed = estimate(plan, allocated).peak(layers)
+    memory = dataclasses.replace(estimate(plan, []), gradients=gradient_bytes)
+    streamed = memory.peak(layers)
     length = plan.info.length
     if not any((r.chunk_size or length) < length for r in plan.regions):
         return AutoDecision(False, streamed, 0, "", chunked=False)
