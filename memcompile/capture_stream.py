@@ -143,9 +143,9 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     for made, (chain, _) in program.rebuilt.items():
         reads = sorted({n.name for node in chain for n in node.all_input_nodes} - set(
             n.name for n in chain))
-        record.notes.append((STREAM_PASS, f"layer inputs: {made.name}, a run's first, is made "
-                             f"again in the backward ({len(chain)} ops from {', '.join(reads)}) "
-                             "instead of held"))
+        record.notes.append((STREAM_PASS, f"first layer input {made.name}: made again in the "
+                             f"backward ({len(chain)} ops from {', '.join(reads)}) instead of "
+                             "held"))
     record.decisions = list(forward.meta.get(DECISIONS, []))
     if options.dump_dir:
         record.dump(options.dump_dir)
