@@ -2,7 +2,9 @@
 
 torch.compile hands the backend a Dynamo graph and, at the first call of the compiled function,
 the user's `options`. The backend validates them, then `capture.compile_graph` takes the graph
-through AOTAutograd's joint graph, memcompile's passes and the partition to the runtime.
+through AOTAutograd's joint graph, memcompile's passes and the partition to the runtime. Under
+`sequence_parallel`, `capture_parallel.compile_sequence_parallel` takes it: the "capture"
+pipeline first (the `sequence_parallel` pass), then the same path, StreamBP off.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch._dynamo
+import torch.distributed as dist
 import torch.fx as fx
 
 from memcompile.config import Options
-from memcompile.errors import NotAvailableError
+from memcompile.errors import OptionsError
 from memcompile.per_size import CompiledPerSize, is_symbolic
 
 
@@ -36,13 +39,27 @@ def trace_checkpointed_layers() -> None:
 trace_checkpointed_layers()
 
 
+_SP_PASSES = (("sequence_parallel", "capture"), ("sequence_parallel_grads", "joint"))
+"""The passes `sequence_parallel` cannot run without, and their graphs."""
+
+
 def check_available(options: Options) -> None:
-    """Refuse, with a clear error, options whose feature memcompile does not have yet."""
-    if options.sequence_parallel is not False:  # True or a dict (even an empty one) means on
-        raise NotAvailableError(
-            "memcompile option 'sequence_parallel': attention across devices is not available "
-            "yet; valid now: False"
-        )
+    """Refuse, with a clear error before capture, options this process cannot honour:
+    `sequence_parallel` without torch.distributed initialized, or without its passes."""
+    if options.sequence_parallel is False:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise OptionsError("sequence_parallel", "needs torch.distributed initialized: launch "
+                           "with torchrun (torchrun --nproc-per-node 2 train.py) and call "
+                           "torch.distributed.init_process_group() before the first step")
+    from memcompile.passes.registry import active_options, resolve_pipeline
+
+    for name, graph in _SP_PASSES:
+        if name not in resolve_pipeline(options.passes, options.disable_passes,
+                                        options.runtime, graph, active_options(options)):
+            key = "disable_passes" if name in options.disable_passes else "passes"
+            raise OptionsError(key, f"sequence_parallel needs the pass {name!r}: without it "
+                               "each rank would compute a wrong step; keep it in the pipeline")
 
 
 def memcompile(
@@ -52,12 +69,15 @@ def memcompile(
 ) -> Callable[..., Any]:
     """The torch.compile backend: `torch.compile(model, backend="memcompile", options={...})`."""
     from memcompile.capture import compile_graph
+    from memcompile.capture_parallel import compile_sequence_parallel
     from memcompile.capture_stream import compile_stream
 
     # Dynamo wraps what a backend raises as "backend='memcompile' raised: OptionsError: ...",
     # the last line of the traceback: the message names the key and what is valid.
     opts = Options.from_mapping(options)
     check_available(opts)
+    if opts.sequence_parallel:
+        return compile_sequence_parallel(gm, example_inputs, opts)
     if opts.stream is True or not isinstance(opts.stream, (bool, str)):
         return compile_stream(gm, example_inputs, opts)
     if opts.stream == "auto" and opts.memory_budget == "auto":

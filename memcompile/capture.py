@@ -66,7 +66,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     """
     if record is None:
         record = new_record(origin(gm))
-    partitioner = MemcompilePartitioner(options, record, fused.slots_of(example_inputs))
+    parameters = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    partitioner = MemcompilePartitioner(options, record, fused.slots_of(example_inputs),
+                                        parameters)
     log.info("%s: captured %d nodes, runtime=%s", record.name, len(gm.graph.nodes),
              options.runtime)
     cache_hits = _aot_cache_hits()

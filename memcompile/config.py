@@ -34,7 +34,11 @@ _LEAST_INT_BUDGET = 2**20
 RUNTIMES = ("inductor", "eager")
 STREAM_DIMS = ("sequence", "batch")
 STREAM_KEYS_VALUES = ("once", "per_chunk")
-SP_SCHEDULES = ("balanced", "ring")
+SP_LAYOUTS = ("zigzag", "contiguous")
+SP_SCHEDULES = {"balanced": "zigzag", "ring": "contiguous"}
+"""`sequence_parallel.schedule`, the design's name for the layout: the balanced schedule runs
+on zigzag shards, the plain ring on contiguous ones."""
+SP_KEYS = ("group", "layout", "schedule", "timeout")
 
 
 def parse_bytes(text: str) -> int:
@@ -73,6 +77,22 @@ class StreamOptions:
     chunk's prefix (no whole-length key/value buffers, more recompute)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class SequenceParallelOptions:
+    """Attention across the ranks of a torch.distributed group, normalized from `True` or a
+    dict. Each rank holds its shard of the sequence (`memcompile.distributed.shard_batch`)."""
+
+    group: Any = None
+    """The process group whose ranks share the sequence; None: the default group. Gradients
+    of the weights are summed over it (data parallelism runs over another group)."""
+    layout: Literal["zigzag", "contiguous"] = "zigzag"
+    """How the sequence is cut: "zigzag" (two chunks per rank, balanced causal work; the
+    schedule "balanced") or "contiguous" (one chunk per rank, the plain ring; "ring"). The
+    batch must be sharded with the same layout."""
+    timeout: float = 300.0
+    """Seconds a rank waits on a peer's transfer before `PeerError` names the peer."""
+
+
 class _RejectUnknownKeys(type):
     """Metaclass that turns an unknown keyword into an `OptionsError` listing the valid ones."""
 
@@ -103,8 +123,10 @@ class Options(metaclass=_RejectUnknownKeys):
     planned again at each length it runs at (`memcompile.per_size`)."""
     stream: bool | str | StreamOptions = "auto"
     """StreamBP: "auto", True, False or a dict of `StreamOptions` fields."""
-    sequence_parallel: bool | Mapping[str, Any] = False
-    """Attention across the ranks of a torch.distributed group (not built yet)."""
+    sequence_parallel: bool | Mapping[str, Any] | SequenceParallelOptions = False
+    """Attention across the ranks of a torch.distributed group: False, True (the default
+    group) or a dict of `SequenceParallelOptions` fields (`schedule` "balanced"/"ring" is an
+    alias of `layout` "zigzag"/"contiguous"); normalized to `SequenceParallelOptions`."""
     passes: tuple[str, ...] | None = None
     """The pipeline by pass name, in order; None runs the default pipeline."""
     disable_passes: tuple[str, ...] = ()
@@ -127,6 +149,7 @@ class Options(metaclass=_RejectUnknownKeys):
             check = _CHECKS[f.name]
             object.__setattr__(self, f.name, check(getattr(self, f.name)))
         _check_stream_budget(self.stream, self.memory_budget)
+        _check_stream_sequence_parallel(self.stream, self.sequence_parallel)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | Options | None) -> Options:
@@ -160,6 +183,16 @@ def _check_stream_budget(stream: Any, budget: Any) -> None:
         raise OptionsError("memory_budget", f"{budget!r} with stream.checkpoints or "
                            "stream.layers_per_checkpoint set: under stream a numeric budget "
                            "decides how many layer inputs are held; set one or the other")
+
+
+def _check_stream_sequence_parallel(stream: Any, sequence_parallel: Any) -> None:
+    """StreamBP of a shard is not built: its chunks would attend to other ranks' shards."""
+    if sequence_parallel and (stream is True or isinstance(stream, StreamOptions)):
+        raise OptionsError("stream", "stream=True (or a dict) with sequence_parallel is not "
+                           "available: streaming a rank's shard needs its chunks to attend "
+                           "to the other ranks' shards, which is not built; valid with "
+                           "sequence_parallel: stream 'auto' (off under sequence_parallel) or "
+                           "False, with memory_budget to cut the step's peak")
 
 
 def _check_budget(value: Any) -> float | int | str | None:
@@ -276,24 +309,50 @@ def _check_keys_values(value: Any) -> str:
                        f"got {value!r}; valid: {', '.join(STREAM_KEYS_VALUES)}")
 
 
-def _check_sequence_parallel(value: Any) -> bool | Mapping[str, Any]:
-    if isinstance(value, bool):
+def _check_sequence_parallel(value: Any) -> bool | SequenceParallelOptions:
+    if value is False or isinstance(value, SequenceParallelOptions):
         return value
-    if isinstance(value, Mapping):
-        for key in value:
-            if key not in ("group", "schedule"):
-                raise OptionsError(
-                    f"sequence_parallel.{key}", "unknown key; valid keys: group, schedule"
-                )
-        if value.get("schedule", "balanced") not in SP_SCHEDULES:
-            raise OptionsError(
-                "sequence_parallel.schedule",
-                f"got {value['schedule']!r}; valid: {', '.join(SP_SCHEDULES)}",
-            )
-        return dict(value)
-    raise OptionsError(
-        "sequence_parallel", f"got {value!r}; valid: False, True, or a dict with group, schedule"
-    )
+    if value is True:
+        return SequenceParallelOptions()
+    if not isinstance(value, Mapping):
+        raise OptionsError("sequence_parallel", f"got {value!r}; valid: False, True, or a dict "
+                           f"with keys {', '.join(SP_KEYS)}")
+    for key in value:
+        if key not in SP_KEYS:
+            raise OptionsError(f"sequence_parallel.{key}",
+                               f"unknown key; valid keys: {', '.join(SP_KEYS)}")
+    layout = value.get("layout")
+    if layout is not None and layout not in SP_LAYOUTS:
+        raise OptionsError("sequence_parallel.layout",
+                           f"got {layout!r}; valid: {', '.join(SP_LAYOUTS)}")
+    if "schedule" in value:
+        schedule = value["schedule"]
+        if schedule not in SP_SCHEDULES:
+            raise OptionsError("sequence_parallel.schedule",
+                               f"got {schedule!r}; valid: {', '.join(SP_SCHEDULES)} (aliases of "
+                               f"layout {', '.join(SP_SCHEDULES.values())})")
+        if layout is not None and SP_SCHEDULES[schedule] != layout:
+            raise OptionsError("sequence_parallel.schedule",
+                               f"{schedule!r} is layout {SP_SCHEDULES[schedule]!r}, but layout "
+                               f"is {layout!r}: give one of them")
+        layout = SP_SCHEDULES[schedule]
+    timeout = value.get("timeout", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout < math.inf:
+        raise OptionsError("sequence_parallel.timeout",
+                           f"got {timeout!r}; valid: a positive number of seconds")
+    group = value.get("group")
+    if group is not None and not _is_process_group(group):
+        raise OptionsError("sequence_parallel.group", f"got {type(group).__name__}; valid: "
+                           "None (the default group) or a torch.distributed ProcessGroup")
+    return SequenceParallelOptions(group=group, layout=layout or "zigzag",
+                                   timeout=float(timeout))
+
+
+def _is_process_group(value: Any) -> bool:
+    import torch.distributed as dist  # here: config must import without torch.distributed
+
+    return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
 def _check_pass_names(key: str, value: Any, *, allow_none: bool) -> tuple[str, ...] | None:

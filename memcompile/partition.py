@@ -65,12 +65,16 @@ class MemcompilePartitioner(CustomPartitionerFn):
     """Runs memcompile's passes on a joint graph, then splits it; fills a `GraphRecord`."""
 
     def __init__(self, options: Options, record: GraphRecord,
-                 fused_slots: dict[int, int] | None = None):
+                 fused_slots: dict[int, int] | None = None,
+                 parameter_inputs: Sequence[int] = ()):
         self.options = options
         self.record = record
         self.fused_slots = fused_slots or {}
         """Input index -> slot of the weights a `lowrank(..., fused_backward=True)` optimizer
         steps inside the backward (`passes.fused_updates`)."""
+        self.parameter_inputs = tuple(parameter_inputs)
+        """Indices of the graph's inputs that are `nn.Parameter`s (AOTAutograd's fake inputs
+        do not say): `meta[JOINT]["parameter_inputs"]` for the passes."""
         self.unmet: list[tuple[str, str]] = []
         """(pass name, reason): explicit requests the passes could not honour (`meta.UNMET`)."""
 
@@ -119,6 +123,7 @@ class MemcompilePartitioner(CustomPartitionerFn):
             "num_fwd_outputs": kwargs["num_fwd_outputs"],
             "static_lifetime_input_indices": list(kwargs.get("static_lifetime_input_indices")
                                                   or ()),
+            "parameter_inputs": list(self.parameter_inputs),
         }
         gm, records = run_passes(
             gm, _flat_inputs(joint_inputs), options=self.options, graph_name=self.record.name

@@ -21,7 +21,7 @@ import torch.fx as fx
 from memcompile.config import Options
 from memcompile.errors import MemoryBudgetError, PassError
 from memcompile.meta import NOTES
-from memcompile.passes.registry import get_pass, resolve_pipeline
+from memcompile.passes.registry import active_options, get_pass, resolve_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ def run_passes(
     graph_name: str,
     graph: str = "joint",
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
-    """Run the pipeline the options name for `graph` ("joint" or "stream", see
+    """Run the pipeline the options name for `graph` ("capture", "joint" or "stream", see
     `passes.registry`) on `gm`; return the result and one record per pass."""
-    names = resolve_pipeline(options.passes, options.disable_passes, options.runtime, graph)
+    names = resolve_pipeline(options.passes, options.disable_passes, options.runtime, graph,
+                             active_options(options))
     log.info("%s: running passes %s", graph_name, names or "(none)")
     records: list[PassRecord] = []
     for index, name in enumerate(names):

@@ -56,12 +56,9 @@ def test_bad_option_names_the_key_at_first_call():
     assert "valid options: memory_budget, stream" in message
 
 
-@pytest.mark.parametrize("options,fragment", [
-    ({"sequence_parallel": True}, "attention across devices is not available yet"),
-    ({"sequence_parallel": {}}, "attention across devices is not available yet"),
-])
-def test_unbuilt_features_are_refused_clearly(options, fragment):
-    with pytest.raises(memcompile.NotAvailableError, match=fragment):
+@pytest.mark.parametrize("options", [{"sequence_parallel": True}, {"sequence_parallel": {}}])
+def test_sequence_parallel_without_torch_distributed_is_refused_clearly(options):
+    with pytest.raises(memcompile.OptionsError, match="needs torch.distributed initialized"):
         check_available(memcompile.Options(**options))
 
 

@@ -100,8 +100,10 @@ def test_a_numeric_budget_under_stream_cannot_be_combined_with_fixed_checkpoints
 
 def test_pass_names_are_checked_against_the_registry():
     assert Options(passes=["remove_noops"]).passes == ("remove_noops",)
-    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: remove_noops, "
-                                           "extern_embedding_backward, plan_remat"):
+    with pytest.raises(OptionsError, match="unknown pass 'nope'; valid passes: "
+                                           "sequence_parallel, remove_noops, "
+                                           "extern_embedding_backward, sequence_parallel_grads, "
+                                           "plan_remat"):
         Options(disable_passes=["nope"])
     with pytest.raises(OptionsError, match="a list of pass names"):
         Options(passes="remove_noops")
@@ -112,6 +114,8 @@ def test_runtime_and_sequence_parallel_and_dump_dir():
         Options(runtime="tvm")
     with pytest.raises(OptionsError, match="valid: balanced, ring"):
         Options(sequence_parallel={"schedule": "zigzag"})
+    assert Options(sequence_parallel={"schedule": "balanced"}).sequence_parallel.layout == \
+        "zigzag"
     with pytest.raises(OptionsError, match="None or a directory path"):
         Options(dump_dir=3)
 

@@ -169,7 +169,7 @@ def test_a_function_closing_over_parameters():
     assert torch.equal(model[0].weight.grad, torch.ones(512, 512))
 
 
-def test_unbuilt_options_are_refused_before_capture():
-    with pytest.raises(memcompile.NotAvailableError, match="attention across devices"):
+def test_unrunnable_options_are_refused_before_capture():
+    with pytest.raises(memcompile.OptionsError, match="needs torch.distributed initialized"):
         memcompile.explain(lambda x: x.sum(), torch.randn(3, requires_grad=True),
                            options={"sequence_parallel": True})

@@ -128,7 +128,7 @@ def test_a_pass_must_return_a_graph_module(test_passes):
 
 
 def test_unknown_pass_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid passes: remove_noops, extern_embedding_backward, plan_remat, eager_attention, causal_mask, key_mask, document_mask, stream_plan"):
+    with pytest.raises(ValueError, match="valid passes: sequence_parallel, remove_noops, extern_embedding_backward, sequence_parallel_grads, plan_remat, eager_attention, causal_mask, key_mask, document_mask, stream_plan"):
         registry.get_pass("nope")
 
 

@@ -10,7 +10,8 @@
   storage (a view and its base, a tuple and its items) are saved or recomputed together, so a
   storage is never both saved and recomputed;
 - what may not be recomputed, and why (the model's MUST_SAVE/PREFER_SAVE policy, random ops
-  with a nonzero dropout, mutations, higher-order ops), and what the model asked to recompute
+  with a nonzero dropout, mutations, higher-order ops, ops that communicate with other ranks),
+  and what the model asked to recompute
   (`torch.utils.checkpoint` regions).
 
 Reading a FakeTensor's storage is slow; doing it once here keeps planning in seconds.
@@ -32,6 +33,9 @@ from memcompile.analysis.memory import _tensors, concrete, is_tangent, storage_k
 
 _SAVE_POLICIES = (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
 _RECOMPUTE_POLICIES = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+_COMMUNICATING = frozenset({"memcompile::sp_attention", "memcompile::sp_attention_backward"})
+"""memcompile's operators that exchange data with other ranks (`distributed.ops`), by name, so
+that this analysis need not import torch.distributed."""
 
 
 def _storages(node: fx.Node) -> tuple[tuple[int, int], ...]:
@@ -57,6 +61,10 @@ def recompute_ban(node: fx.Node) -> str | None:
     if not isinstance(target, torch._ops.OpOverload):
         return None if target is getitem else f"not an ATen op ({target})"
     schema = target._schema
+    if schema.name in _COMMUNICATING or target.namespace == "_c10d_functional":
+        # Also what keeps the distributed attention's forward out of the backward: its
+        # backward reads the saved output and log-sum-exp instead.
+        return "communicates with other ranks: recomputed on one rank, no peer would answer"
     if schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write
                                 for a in schema.arguments):
         return "mutates an input"

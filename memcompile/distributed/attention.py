@@ -15,6 +15,12 @@ forward would cost the whole sequence's keys/values on every rank), accumulates 
 gradient locally, and sends the key/value gradients it computed back to their owner one step
 later, overlapped with the next step's keys/values.
 
+A padding mask enters as `keys`, an additive mask over the global sequence's keys
+`(B|1, 1, 1, S)` in global order, the same on every rank (`distributed.masks` builds it): each
+block reads the columns of its key chunk; a query that sees no key of a block gets a
+log-sum-exp of -inf there (it weighs nothing in the merge), and one that sees no key at all
+output 0 and log-sum-exp 0, the kernels' convention (as `runtime/chunk_attention.py`).
+
 Keys/values travel with their own `Hkv` heads (grouped queries are never expanded before
 sending), packed chunk-major `(chunks, 2, B, Hkv, c, D)` so that every message, a prefix of the
 sender's chunks, is one contiguous tensor. Key/value gradients are accumulated, and sent, in
@@ -34,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from memcompile.distributed import schedule
 from memcompile.distributed.comm import Transfer, count_call
 from memcompile.runtime.attention_kernels import accumulation_dtype, attend, attend_backward
+from memcompile.runtime.chunk_attention import _unseen_to_minus_infinity
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,15 @@ class _Setup:
     """Tokens per chunk."""
     own: int
     """Chunks this rank holds."""
+    keys: torch.Tensor | None = None
+    """Additive mask over the global sequence's keys `(B|1, 1, 1, S)`, or None (no padding)."""
+
+    def block_mask(self, step: int, block: schedule.Block) -> torch.Tensor | None:
+        """The columns of `keys` for the key chunk of `block` at `step` (None: no mask)."""
+        if self.keys is None:
+            return None
+        chunk = schedule.step_keys(self.layout, self.world, self.rank, step)[block.key]
+        return self.keys[..., chunk * self.chunk:(chunk + 1) * self.chunk]
 
     def sends(self, step: int) -> tuple[int, int]:
         """`(peer, chunks)` this rank sends its keys/values to at `step`."""
@@ -107,8 +123,11 @@ def _merge(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor, lse
         return out, lse
     acc_out, acc_lse = acc
     merged = torch.logaddexp(acc_lse, lse)
-    acc_out = (acc_out * torch.exp(acc_lse - merged).unsqueeze(-1)
-               + out * torch.exp(lse - merged).unsqueeze(-1))
+    # Under a padding mask a row may have seen no key yet (-inf on both sides): weigh by 0,
+    # not by exp(-inf + inf). Without a mask every merged log-sum-exp is finite: unchanged.
+    shift = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+    acc_out = (acc_out * torch.exp(acc_lse - shift).unsqueeze(-1)
+               + out * torch.exp(lse - shift).unsqueeze(-1))
     return acc_out, merged
 
 
@@ -131,13 +150,17 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, setup: _Setup
             received = _post_keys(setup, packed, step + 1, pending)
             pending.start()
         for block in schedule.blocks(setup.layout, setup.world, setup.rank, step):
+            mask = setup.block_mask(step, block)
             out, lse, call_state = attend(queries[block.query], buffer[block.key, 0],
                                           buffer[block.key, 1], block.causal, setup.scale,
-                                          setup.op)
+                                          setup.op, mask)
+            lse = _unseen_to_minus_infinity(lse, mask, block.causal)
             state = call_state if state is None else state
             merged[block.query] = _merge(merged[block.query], out, lse, wide)
     out = torch.cat([acc[0] for acc in merged], dim=2).to(q.dtype)
     lse = torch.cat([acc[1] for acc in merged], dim=2)
+    if setup.keys is not None:  # a row that saw no key at all: log-sum-exp 0, as the kernels
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return out, lse, state
 
 
@@ -175,7 +198,8 @@ def _backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             dq, dk, dv = attend_backward(grads_out[block.query], queries[block.query],
                                          buffer[block.key, 0], buffer[block.key, 1],
                                          outs[block.query], lses[block.query], block.causal,
-                                         setup.scale, state, setup.op)
+                                         setup.scale, state, setup.op,
+                                         setup.block_mask(step, block))
             grad_q[block.query] += dq
             grads[block.key, 0] += dk
             grads[block.key, 1] += dv
@@ -262,13 +286,16 @@ def dist_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def dist_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            group: dist.ProcessGroup | None = None, layout: str = "zigzag",
                            scale: float | None = None, timeout: float = DEFAULT_TIMEOUT,
-                           op: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           op: Any = None, keys: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward half of `dist_causal_attention`, without autograd, for a graph that holds
     forward and backward apart: `(out, lse)`, the log-sum-exp `(B, Hq, S_local)` in
     `accumulation_dtype`, as the fused kernels return it. Keep both for
-    `dist_attention_backward`, which never recomputes them."""
+    `dist_attention_backward`, which never recomputes them. `keys`: an additive padding mask
+    over the global sequence's keys `(B|1, 1, 1, S)`, in global order, the same on every rank
+    (None: no padding; `distributed.masks.global_keys` builds it)."""
     count_call()
-    out, lse, _ = _forward(q, k, v, _setup(q, k, v, group, layout, scale, timeout, op))
+    out, lse, _ = _forward(q, k, v, _setup(q, k, v, group, layout, scale, timeout, op, keys))
     return out, lse
 
 
@@ -276,10 +303,11 @@ def dist_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
                             group: dist.ProcessGroup | None = None, layout: str = "zigzag",
                             scale: float | None = None, timeout: float = DEFAULT_TIMEOUT,
-                            op: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            op: Any = None, keys: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward half: `(grad_q, grad_k, grad_v)` of this rank's shards from the output and
     log-sum-exp `dist_attention_forward` returned, with the same keyword arguments."""
-    setup = _setup(q, k, v, group, layout, scale, timeout, op)
+    setup = _setup(q, k, v, group, layout, scale, timeout, op, keys)
     # The kernels' backward takes what their forward returned beside the tensors (CUDA's
     # sequence offsets and random state, unused without dropout): a one-token call gives it.
     state = attend(q[:, :, :1], k[:, :, :1], v[:, :, :1], False, scale, op)[2]
@@ -287,7 +315,8 @@ def dist_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
 
 
 def _setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup | None,
-           layout: str, scale: float | None, timeout: float, op: Any) -> _Setup:
+           layout: str, scale: float | None, timeout: float, op: Any,
+           keys: torch.Tensor | None = None) -> _Setup:
     """The call's `_Setup`, or a ValueError saying which argument is wrong."""
     schedule.check_layout(layout)
     if not timeout > 0:
@@ -315,4 +344,9 @@ def _setup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.Proces
             f"this rank holds {length} tokens (global {length * world})")
     log.debug("rank %d/%d: %s attention, %d chunk(s) of %d tokens", rank, world, layout, own,
               length // own)
-    return _Setup(group, rank, world, layout, scale, float(timeout), op, length // own, own)
+    if keys is not None and (keys.dim() != 4 or keys.shape[-1] != length * world
+                             or keys.shape[0] not in (1, q.shape[0])):
+        raise ValueError(f"dist_causal_attention: keys {tuple(keys.shape)} must be an additive "
+                         f"mask (B|1, 1, 1, {length * world}) over the global sequence's keys")
+    return _Setup(group, rank, world, layout, scale, float(timeout), op, length // own, own,
+                  keys)

@@ -57,6 +57,8 @@ class ByteCounter:
     """Bytes sent by backward calls (keys/values again, and key/value gradients)."""
     calls: int = 0
     """Forward calls counted."""
+    masks: int = 0
+    """Bytes sent exchanging padding masks (`distributed.masks`), apart from the schedule's."""
 
 
 _ACTIVE: list[ByteCounter] = []

@@ -130,6 +130,20 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotary_cos_sin_at(
+    positions: torch.Tensor, head_dim: int, theta: float, *, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(batch, 1, seq, head_dim)`` cosine and sine tables at ``positions`` ``(batch,
+    seq)``: what :func:`rotary_cos_sin` gives at ``0..seq_len-1``, at any positions (a shard of
+    a sequence split across ranks holds positions from its middle), with the same arithmetic."""
+    work_dtype = torch.promote_types(dtype, torch.float32)
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=work_dtype) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.to(work_dtype)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` of shape ``(batch, heads, seq, head_dim)`` by the position angles."""
     first, second = x.chunk(2, dim=-1)
@@ -156,14 +170,19 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Attend over ``x`` of shape ``(batch, seq, hidden)``."""
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend over ``x`` of shape ``(batch, seq, hidden)``, its tokens at ``position_ids``
+        ``(batch, seq)`` (default ``0..seq-1``)."""
         batch, seq, hidden = x.shape
         q = self._heads(self.q_proj(x), self.num_heads)
         k = self._heads(self.k_proj(x), self.num_kv_heads)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
-        cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta,
-                                  dtype=x.dtype, device=x.device)
+        if position_ids is None:
+            cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta,
+                                      dtype=x.dtype, device=x.device)
+        else:
+            cos, sin = rotary_cos_sin_at(position_ids, self.head_dim, self.rope_theta,
+                                         dtype=x.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # enable_gqa lets SDPA broadcast the kv heads instead of materialising repeated copies.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -194,9 +213,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Map hidden states ``(batch, seq, hidden)`` to the next layer's hidden states."""
-        hidden = hidden + self.attn(self.input_norm(hidden))
+        hidden = hidden + self.attn(self.input_norm(hidden), position_ids)
         return hidden + self.mlp(self.post_attn_norm(hidden))
 
 
@@ -233,19 +253,23 @@ class LlamaForCausalLM(nn.Module):
         self.gradient_checkpointing = True
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Run the model on ``(batch, seq)`` token ids.
 
         With ``labels`` (same shape; the shift happens here) return only the loss, so the full
         logits tensor is not kept alive as an output; without, return only the logits.
+        ``position_ids`` ``(batch, seq)``: each token's position for the rotary embeddings
+        (default ``0..seq-1``; a sequence-parallel shard passes its global positions).
         """
         hidden = self.embed_tokens(input_ids)
+        extra = () if position_ids is None else (position_ids,)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, *extra, use_reentrant=False)
             else:
-                hidden = layer(hidden)
+                hidden = layer(hidden, *extra)
         logits = self.lm_head(self.norm(hidden))
         if labels is None:
             return CausalLMOutput(loss=None, logits=logits)
