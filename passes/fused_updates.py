@@ -13,7 +13,15 @@ weight registered by `memcompile.optim.lowrank(..., fused_backward=True)`, the b
   is freed right after the update.
 
 It runs on the backward graph after the split (the joint graph's outputs are the gradients
-themselves). Weights whose gradient it cannot route (a gradient returned twice, a graph whose
+themselves). Under `sequence_parallel` a weight's gradient is complete only once it is summed
+over the ranks: `sequence_parallel_grads` returns `wait_tensor(all_reduce(part))`, placed at the
+end of the backward. The update reads that sum, never the rank's part (which would step each
+rank with its own share and let the ranks' weights drift apart); and this pass moves the sum up
+to right after the part is computed, since an update anchored on a sum at the end of the
+backward would keep every projected gradient alive until then, all of them together. Every
+rank runs the same backward graph (`capture_parallel` agrees on one cost model, so on one remat
+plan), so the moved all-reduces and the attention's transfers still come in the same order on
+every rank. Weights whose gradient it cannot route (a gradient returned twice, a graph whose
 inputs do not line up with its gradients) keep their ordinary gradient, with a note saying why.
 """
 
@@ -33,6 +41,8 @@ import memcompile.optim.fused  # noqa: F401  (defines memcompile::lowrank_update
 log = logging.getLogger(__name__)
 
 PASS_NAME = "fuse_optimizer_updates"
+_ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+_WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
@@ -49,6 +59,9 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
         return bw
     placeholders = bw.graph.find_nodes(op="placeholder")
     returned_count = Counter(g for g in grads if isinstance(g, fx.Node))
+    for index in slots:
+        if isinstance(grads[index], fx.Node) and returned_count[grads[index]] == 1:
+            _reduce_when_complete(grads[index])
     order = {n: i for i, n in enumerate(bw.graph.nodes)}
     fused = 0
     for index, slot in sorted(slots.items()):
@@ -79,6 +92,20 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
     bw.recompile()
     log.info("%s: %d weight(s) updated inside the backward", PASS_NAME, fused)
     return bw
+
+
+def _reduce_when_complete(grad: fx.Node) -> None:
+    """When `grad` is a sum over ranks, `wait_tensor(all_reduce(part))` used by nothing else,
+    move that sum to right after `part` is computed: the update that follows it then runs as
+    soon as the weight's gradient is complete everywhere, not at the end of the backward."""
+    started = grad.args[0] if grad.target is _WAIT and len(grad.users) == 1 else None
+    if not (isinstance(started, fx.Node) and started.target is _ALL_REDUCE
+            and len(started.users) == 1):
+        return
+    part = started.args[0]
+    if isinstance(part, fx.Node) and part.op == "call_function":
+        part.append(started)
+        started.append(grad)
 
 
 def _readers(aliases: list[fx.Node]) -> list[fx.Node]:

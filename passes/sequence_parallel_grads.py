@@ -14,8 +14,13 @@ reduced; here each graph's contribution is reduced once, and sums of reduced con
 the reduced sum. Why at the end of the backward graph: every rank then posts its all-reduces
 after all of its attention transfers and in the same order (the backward's outputs'), whatever
 the remat plan recomputed on that rank, so collectives and point-to-point transfers never wait
-on each other across ranks. Gradients of inputs that are not parameters (a sharded embedding
-output the user passes) are per-shard: not reduced.
+on each other across ranks. The exception: the gradient of a weight that a
+`lowrank(..., fused_backward=True)` optimizer steps inside the backward. After the split,
+`fuse_optimizer_updates` moves its sum up to right after this rank's part is computed and
+steps the weight from the sum, so that the gradient dies there instead of at the end of the
+backward; the ranks run one backward graph (one agreed remat plan), so the order of collectives
+and transfers is still the same on every rank. Gradients of inputs that are not parameters (a
+sharded embedding output the user passes) are per-shard: not reduced.
 
 Which inputs are parameters comes from the captured graph's real inputs
 (`meta[JOINT]["parameter_inputs"]`): AOTAutograd's fake inputs do not keep `nn.Parameter`.
@@ -23,7 +28,9 @@ Which inputs are parameters comes from the captured graph's real inputs
 Data parallelism over other ranks composes: this sum runs over the sequence-parallel group
 inside the backward; DDP (or any data-parallel reduction) then averages the summed gradients
 over its own group, e.g. with 4 ranks, sequence-parallel groups {0,1},{2,3} and data-parallel
-groups {0,2},{1,3}.
+groups {0,2},{1,3}. That holds for gradients that reach `.grad`: a fused update steps its weight
+inside the backward from the sum over the sequence-parallel group alone, before any
+data-parallel reduction could run (not built: each data-parallel replica would step apart).
 """
 
 from __future__ import annotations
