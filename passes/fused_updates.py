@@ -21,7 +21,9 @@ to right after the part is computed, since an update anchored on a sum at the en
 backward would keep every projected gradient alive until then, all of them together. Every
 rank runs the same backward graph (`capture_parallel` agrees on one cost model, so on one remat
 plan), so the moved all-reduces and the attention's transfers still come in the same order on
-every rank. Weights whose gradient it cannot route (a gradient returned twice, a graph whose
+every rank. Over a sequence-parallel subgroup (data parallelism over the other ranks) nothing
+is fused, with a note: the replicas' average must come before any step. Weights whose gradient
+it cannot route (a gradient returned twice, a graph whose
 inputs do not line up with its gradients) keep their ordinary gradient, with a note saying why.
 """
 
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from memcompile.analysis.memory import storage_key, tensor_bytes
@@ -59,6 +63,14 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
         return bw
     placeholders = bw.graph.find_nodes(op="placeholder")
     returned_count = Counter(g for g in grads if isinstance(g, fx.Node))
+    subgroup = _sequence_parallel_subgroup(grads[i] for i in slots)
+    if subgroup is not None:
+        record_unmet(bw, PASS_NAME, f"the gradients are summed over a sequence-parallel group "
+                     f"of {subgroup[0]} of {subgroup[1]} ranks: the other ranks are data-parallel "
+                     "replicas whose average must come before the step, and an update inside "
+                     "the backward would step each replica on its own; every weight keeps its "
+                     ".grad and steps in optimizer.step() after the data-parallel reduction")
+        return bw
     for index in slots:
         if isinstance(grads[index], fx.Node) and returned_count[grads[index]] == 1:
             _reduce_when_complete(grads[index])
@@ -92,6 +104,20 @@ def fuse_optimizer_updates(bw: fx.GraphModule, slots: Mapping[int, int],
     bw.recompile()
     log.info("%s: %d weight(s) updated inside the backward", PASS_NAME, fused)
     return bw
+
+
+def _sequence_parallel_subgroup(grads: Iterable[Any]) -> tuple[int, int] | None:
+    """(group size, world size) when a gradient is summed over a group of fewer ranks than the
+    world (`sequence_parallel_grads` over a subgroup); None otherwise."""
+    for grad in grads:
+        if not (isinstance(grad, fx.Node) and grad.target is _WAIT
+                and isinstance(grad.args[0], fx.Node) and grad.args[0].target is _ALL_REDUCE):
+            continue
+        group = dist.distributed_c10d._resolve_process_group(grad.args[0].args[2])
+        size, world = dist.get_world_size(group), dist.get_world_size()
+        if size < world:
+            return size, world
+    return None
 
 
 def _reduce_when_complete(grad: fx.Node) -> None:

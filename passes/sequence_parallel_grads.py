@@ -28,9 +28,9 @@ Which inputs are parameters comes from the captured graph's real inputs
 Data parallelism over other ranks composes: this sum runs over the sequence-parallel group
 inside the backward; DDP (or any data-parallel reduction) then averages the summed gradients
 over its own group, e.g. with 4 ranks, sequence-parallel groups {0,1},{2,3} and data-parallel
-groups {0,2},{1,3}. That holds for gradients that reach `.grad`: a fused update steps its weight
-inside the backward from the sum over the sequence-parallel group alone, before any
-data-parallel reduction could run (not built: each data-parallel replica would step apart).
+groups {0,2},{1,3}. A fused update would step its weight inside the backward from the sum over
+the sequence-parallel group alone, before the data-parallel average, so over a subgroup
+`fuse_optimizer_updates` fuses nothing and says so: the weights step in `optimizer.step()`.
 """
 
 from __future__ import annotations

@@ -13,12 +13,14 @@ ranks would then step apart). Memory: the fused updates do not wait for the end 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
 from dist_ranks import RankPool
 from helpers import FLOAT64_TOL, relative_error
 
+from memcompile import MemcompileWarning
 from memcompile.distributed import shard_batch, shard_loss, shard_sequence
 from memcompile.measure import tracked_peak
 from memcompile.models import build_model
@@ -135,6 +137,28 @@ def _chain_peak_job(fused):
     return {"peak": peak, "weights": [layer.weight.detach() for layer in layers]}
 
 
+def _subgroup_job():
+    """Fused GaLore under sequence_parallel over a group of this rank alone, as with data
+    parallelism over the other rank: the warnings, and whether the weights kept their .grad."""
+    torch._dynamo.reset()
+    groups = [torch.distributed.new_group([r]) for r in range(2)]  # every rank makes each
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(64, 64, bias=False) for _ in range(2)]
+    model = torch.nn.Sequential(layers[0], torch.nn.Tanh(), layers[1])
+    opt = lowrank(torch.optim.AdamW(model.parameters()),
+                  params=[layer.weight for layer in layers], rank=8, fused_backward=True)
+    group = groups[torch.distributed.get_rank()]
+    compiled = torch.compile(model, backend="memcompile", options={
+        "runtime": "eager", "sequence_parallel": {"group": group, "timeout": 60}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemcompileWarning)
+        compiled(torch.randn(1, 8, 64)).sum().backward()
+    kept = [layer.weight.grad is not None for layer in layers]
+    opt.step()
+    return {"warnings": [str(w.message) for w in caught
+                         if issubclass(w.category, MemcompileWarning)], "kept": kept}
+
+
 # --- tests ------------------------------------------------------------------------------------
 
 def _ready():
@@ -213,3 +237,13 @@ def test_projected_gradients_never_coexist_under_sequence_parallel(ranks):
             assert relative_error(a, b) <= 1e-6  # float32: the same training
     assert [r["peak"] for r in step] == [5 * 2**20 + 4] * 2
     assert [r["peak"] for r in fused] == [2 * 2**20 + 16 * 2**10 + 4] * 2
+
+
+def test_fused_updates_stay_off_over_a_sequence_parallel_subgroup(ranks):
+    """Over a subgroup the other ranks are data-parallel replicas, whose gradient average must
+    come before any step: nothing is fused, each weight keeps its .grad for optimizer.step(),
+    and a warning says why."""
+    for result in ranks.run(_subgroup_job, timeout=120):
+        assert result["kept"] == [True, True]
+        assert any("sequence-parallel group of 1 of 2 ranks" in w for w in result["warnings"]), \
+            result["warnings"]
