@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from memcompile.distributed import global_loss, shard_batch, shard_loss
-from memcompile.measure import allocator_peak, intra_op_threads
+from memcompile.measure import allocator_peak, intra_op_threads, tracked_peak
 from memcompile.models import build_model, make_batch
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -38,6 +38,9 @@ def compiled_step(model, batch, options):
     def step(ids, positions, targets, count):
         return shard_loss(model(ids, position_ids=positions).logits, targets, count)
 
+    # Each length compiles afresh, static: Dynamo would otherwise make the second length's
+    # graph symbolic, and the lengths would be compared across two kinds of graph.
+    torch._dynamo.reset()
     compiled = torch.compile(step, backend="memcompile", options=options)
     count = torch.tensor(float(batch.num_tokens))
 
@@ -88,9 +91,18 @@ def _time(run, repeat):
     return statistics.median(times)
 
 
+def peak_of(runtime):
+    """The peak measure for `runtime`: live tensor bytes at the dispatcher for the eager
+    runtime, which runs every op through it; the allocator's events for Inductor, whose
+    buffers bypass it. (The allocator measure counts as freed the blocks a step frees that an
+    earlier profiled step allocated, so only a step's first profiled call reads true.)"""
+    return tracked_peak if runtime == "eager" else allocator_peak
+
+
 def measure(args, rank, world):
     """Per-rank peak and step time at each length against one process, printed by rank 0."""
     dtype = DTYPES[args.dtype]
+    peak_fn = peak_of(args.runtime)
     rows = []
     for seq_len in args.seq_lens:
         batch = make_batch(args.preset, batch_size=args.batch_size, seq_len=seq_len)
@@ -101,7 +113,7 @@ def measure(args, rank, world):
         run = compiled_step(model, shard, options)
         run()  # compiles
         dist.barrier()
-        peak = allocator_peak(run)
+        peak = peak_fn(run)
         seconds = _time(run, args.repeat)
         peaks, times = [None] * world, [None] * world
         dist.all_gather_object(peaks, peak)
@@ -116,7 +128,7 @@ def measure(args, rank, world):
             model = build_model(args.preset, dtype=dtype)
             one = compiled_step(model, whole, {"runtime": args.runtime, "stream": False})
             one()
-            single["peak"] = allocator_peak(one)
+            single["peak"] = peak_fn(one)
             for threads in (1, world):
                 with intra_op_threads(threads):
                     single[threads] = statistics.median(
@@ -136,8 +148,8 @@ def _wall(run):
 def _print(rows, world, args):
     mib = 2**20
     print(f"\n{args.preset}, {args.dtype}, batch {args.batch_size}, runtime {args.runtime}, "
-          f"{world} ranks ({args.layout}), 1 thread per rank; allocator peak above the step's "
-          f"start")
+          f"{world} ranks ({args.layout}), 1 thread per rank; peak above the step's "
+          f"start ({'live tensor bytes' if args.runtime == 'eager' else 'allocator bytes'})")
     print("| tokens | peak per rank (MiB) | one process (MiB) | step, ranks (s) | "
           "one process, 1 thread (s) | one process, "
           f"{world} threads (s) |")

@@ -142,7 +142,14 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def allocator_peak(fn: Callable[[], Any]) -> int:
-    """Peak CPU allocator bytes above the start while `fn` runs (profiler `[memory]` events)."""
+    """Peak CPU allocator bytes above the start while `fn` runs (profiler `[memory]` events).
+
+    The profiler remembers the size of every block allocated while any profiling session was
+    on, so a block an earlier `allocator_peak` call allocated and `fn` frees (the previous
+    step's `.grad`, dropped by `zero_grad()`) counts as freed here, lowering the peak, while a
+    block allocated outside profiling and freed in it does not count. Measure a step's first
+    profiled call after an unprofiled warm-up (as the bench does), or use `tracked_peak`.
+    """
     prof = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     )
