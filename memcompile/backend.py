@@ -4,7 +4,8 @@ torch.compile hands the backend a Dynamo graph and, at the first call of the com
 the user's `options`. The backend validates them, then `capture.compile_graph` takes the graph
 through AOTAutograd's joint graph, memcompile's passes and the partition to the runtime. Under
 `sequence_parallel`, `capture_parallel.compile_sequence_parallel` takes it: the "capture"
-pipeline first (the `sequence_parallel` pass), then the same path, StreamBP off.
+pipeline first (the `sequence_parallel` pass), then the same path, or with `stream=True` the
+stream path on each rank's shard.
 """
 
 from __future__ import annotations

@@ -186,13 +186,21 @@ def _check_stream_budget(stream: Any, budget: Any) -> None:
 
 
 def _check_stream_sequence_parallel(stream: Any, sequence_parallel: Any) -> None:
-    """StreamBP of a shard is not built: its chunks would attend to other ranks' shards."""
-    if sequence_parallel and (stream is True or isinstance(stream, StreamOptions)):
-        raise OptionsError("stream", "stream=True (or a dict) with sequence_parallel is not "
-                           "available: streaming a rank's shard needs its chunks to attend "
-                           "to the other ranks' shards, which is not built; valid with "
-                           "sequence_parallel: stream 'auto' (off under sequence_parallel) or "
-                           "False, with memory_budget to cut the step's peak")
+    """Under sequence parallelism each rank streams its shard, sequence chunks whose keys and
+    values are computed once per layer pass and gathered from every rank: the other ways of
+    chunking are not built."""
+    if not sequence_parallel or not isinstance(stream, StreamOptions):
+        return
+    valid = ("valid with sequence_parallel: stream True or a dict with dim 'sequence' and "
+             "keys_values 'once' (the defaults), 'auto' (off under sequence_parallel) or False")
+    if stream.dim != "sequence":
+        raise OptionsError("stream.dim", f"{stream.dim!r} with sequence_parallel is not "
+                           f"available: a rank streams its shard along the sequence; {valid}")
+    if stream.keys_values != "once":
+        raise OptionsError("stream.keys_values", f"{stream.keys_values!r} with "
+                           "sequence_parallel is not available: each layer pass sends the "
+                           "keys and values of the whole shard to the other ranks, so they "
+                           f"are computed once; {valid}")
 
 
 def _check_budget(value: Any) -> float | int | str | None:

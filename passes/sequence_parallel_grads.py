@@ -25,6 +25,9 @@ sharded embedding output the user passes) are per-shard: not reduced.
 Which inputs are parameters comes from the captured graph's real inputs
 (`meta[JOINT]["parameter_inputs"]`): AOTAutograd's fake inputs do not keep `nn.Parameter`.
 
+A streamed step (`stream=True`) has no joint graph, so this pass does not run there:
+`runtime.stream_shard_grads` sums the same gradients in the streamed backward, once each.
+
 Data parallelism over other ranks composes: this sum runs over the sequence-parallel group
 inside the backward; DDP (or any data-parallel reduction) then averages the summed gradients
 over its own group, e.g. with 4 ranks, sequence-parallel groups {0,1},{2,3} and data-parallel

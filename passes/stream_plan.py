@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.attention import ATTENTION_OPS, is_causal
+from memcompile.analysis.attention import SEQUENCE_ATTENTION_OPS, is_causal
 from memcompile.analysis.attention import mask as attention_mask
 from memcompile.analysis.sequence import (SeqDim, SequenceInfo, analyze_sequence,
                                           fresh_cache_update)
@@ -222,7 +222,7 @@ def _region(kind: str, nodes: list[fx.Node], start: int, stop: int, activations:
 def _prefix_nodes(region: Region, activations: set[fx.Node]) -> set[fx.Node]:
     """Region nodes a chunk needs from the start of the sequence: what keys and values read."""
     prefix: set[fx.Node] = set()
-    stack = [a for n in region.nodes if n.target in ATTENTION_OPS for a in n.args[1:3]]
+    stack = [a for n in region.nodes if n.target in SEQUENCE_ATTENTION_OPS for a in n.args[1:3]]
     inside = set(region.nodes)
     while stack:
         node = stack.pop()
@@ -243,9 +243,9 @@ def _layer_problem(region: Region, plan_info: SequenceInfo, activations: set[fx.
             return f"{node.name}: {plan_info.unknown_reason.get(node, 'unknown op')}"
         if effect == "reduces":
             return f"{node.name} ({node.target}) reduces over the sequence"
-        if effect == "mixes" and node.target not in ATTENTION_OPS:
+        if effect == "mixes" and node.target not in SEQUENCE_ATTENTION_OPS:
             return f"{node.name} ({node.target}) mixes tokens and is not attention"
-        if node.target in ATTENTION_OPS and not _causal_or_masked(node):
+        if node.target in SEQUENCE_ATTENTION_OPS and not _causal_or_masked(node):
             return f"{node.name}: attention that is neither causal nor masked (bidirectional)"
     return None
 
@@ -458,7 +458,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     activations = _activations(gm.graph, info, _weights(placeholders, example_inputs))
     nodes = list(gm.graph.nodes)
     cuts = _cuts(nodes, activations, info)
-    attentions = [n for n in nodes if n in activations and n.target in ATTENTION_OPS]
+    attentions = [n for n in nodes if n in activations and n.target in SEQUENCE_ATTENTION_OPS]
     reducing = [i for i, n in enumerate(nodes)
                 if n in activations and info.effects.get(n) == "reduces"]
     end = reducing[0] if reducing else len(nodes) - 1

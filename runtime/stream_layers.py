@@ -21,6 +21,9 @@ from memcompile.runtime.stream_accumulate import deliver_complete
 from memcompile.runtime.stream_fused import RegionUpdates, update_complete
 from memcompile.runtime.stream_grads import RegionGrads, add_into, chunks
 from memcompile.runtime.stream_rebuild import Rebuild, held
+from memcompile.runtime.stream_shard import (chunkable, gather_keys_values, release,
+                                             return_gradients)
+from memcompile.runtime.stream_shard_grads import reduce_complete
 from memcompile.runtime.stream_tail import fill_whole
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,8 @@ class _Walk:
             layer_side = [self.values[n] for n in runner.region.side_inputs]
             grads = _layer_backward(runner, held(x), layer_side, grad,
                                     self.chunk_sizes[part.start])
+            # Under sequence parallelism: summed over the ranks before anything reads them.
+            reduce_complete(runner, grads.side)
             # Its own weights' gradients are complete: update them (fused) or accumulate them
             # into .grad now, and drop them.
             update_complete(self.updates[part.start], runner.region.side_inputs, grads.side)
@@ -131,7 +136,8 @@ def layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, An
     whole = {n: values[n] for n in region.side_inputs}
     with torch.no_grad():
         fill_whole(runner, whole)
-        chunk = region.chunk_size if _masks_causal(runner, whole) else runner.length
+        chunk = (region.chunk_size if _masks_causal(runner, whole) and chunkable(runner)
+                 else runner.length)
         if _keys_values_once(runner, chunk):
             out = _forward_in_chunks(runner, x, whole, chunk)
         else:
@@ -220,12 +226,14 @@ def _forward_in_chunks(runner: ChunkRunner, x: torch.Tensor, whole: dict[fx.Node
     out = torch.empty(val.shape, dtype=val.dtype, device=x.device)
     x_seq, out_seq = runner.info.dim_of(region.input), runner.info.dim_of(output)
     boundary = _boundary_whole(runner, x, whole, chunk)
+    gather_keys_values(runner, boundary, whole, "forward")  # sequence parallelism: all ranks'
     for start, end in chunks(runner.length, chunk):
         part = runner.run(narrow_seq(x, x_seq, start, end - start), start, end, whole,
                           preset=_chunk_inputs(runner, boundary, start, end, grad=False),
                           only=runner.per_chunk, keep=region.outputs,
                           prefix_from_zero=False)[output]
         write_rows(out, out_seq, start, part, add=False)
+    release(runner)
     return out
 
 
@@ -242,7 +250,9 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
     out_seq = info.dim_of(region.outputs[0])
     # A copy of the side values: what this computes without autograd from the parameters
     # (transposed weights) must not stand in for the leaves' versions in the chunks below.
-    boundary = _boundary_whole(runner, grads.saved_x, dict(grads.whole), chunk)
+    whole = dict(grads.whole)
+    boundary = _boundary_whole(runner, grads.saved_x, whole, chunk)
+    gather_keys_values(runner, boundary, whole, "backward")  # sequence parallelism: all ranks'
     # Float32 sums for half-precision keys and values: each adds one share per chunk and key
     # block, hundreds at long lengths, which half precision would round away.
     sums = {n: torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)) for n, v in boundary.items()}
@@ -271,6 +281,7 @@ def _backward_keys_values_once(grads: RegionGrads, grad_out: torch.Tensor, chunk
         grads.forget_param_values()
         del found, out, x_part, preset, sinks, leaves  # before the next chunk (see above)
     del boundary
+    return_gradients(runner, sums)  # sequence parallelism: other ranks' shares to their owners
     for start, end in chunks(runner.length, chunk):
         with torch.enable_grad():
             x_part = narrow_seq(grads.saved_x, x_seq, start, end - start).detach()

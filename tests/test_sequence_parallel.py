@@ -311,8 +311,8 @@ def test_options_normalize_and_refuse():
         Options(sequence_parallel={"timeout": 0})
     with pytest.raises(OptionsError, match="ProcessGroup"):
         Options(sequence_parallel={"group": "world"})
-    with pytest.raises(OptionsError, match="streaming a rank's shard"):
-        Options(sequence_parallel=True, stream=True)
+    with pytest.raises(OptionsError, match="keys and values of the whole shard"):
+        Options(sequence_parallel=True, stream={"keys_values": "per_chunk"})
 
 
 def test_the_passes_run_only_under_the_option():

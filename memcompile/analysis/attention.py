@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.eager_attention import EAGER_ATTENTION
+from memcompile.distributed.ops import SP_ATTENTION
 
 aten = torch.ops.aten
 
@@ -26,11 +27,13 @@ class AttentionLayout:
     """Positions of an attention kernel's arguments (query, key, value are always 0, 1, 2).
 
     `mask` is a position or a keyword-only name (None: the kernel takes no mask); `outputs` is
-    how many values the kernel returns (output first, log-sum-exp second).
+    how many values the kernel returns (output first, log-sum-exp second). `dropout` and
+    `causal` are None for an op that takes neither: it never drops and is always causal (the
+    sequence-parallel attention).
     """
 
-    dropout: int
-    causal: int
+    dropout: int | None
+    causal: int | None
     mask: int | str | None
     outputs: int
 
@@ -59,7 +62,15 @@ The last is memcompile's own (`analysis.eager_attention`): the matmul, softmax, 
 transformers' eager path, put in the graph by the `eager_attention` pass; it returns the output
 alone (`AttentionLayout.outputs` 1), no log-sum-exp."""
 
+SEQUENCE_ATTENTION_OPS = (*ATTENTION_OPS, SP_ATTENTION)
+"""Attention over the sequence as StreamBP's plan and runtime see it: the kernels, and the
+sequence-parallel attention (`memcompile::sp_attention`, always causal, no dropout), whose chunks
+the stream runtime runs over the keys of every rank (`runtime.stream_shard`). It stays out of
+`ATTENTION_OPS`: the mask passes and the cost model must not take it for a kernel (its mask is
+the model's over the shard, which the op reads itself)."""
+
 LAYOUTS: dict[Any, AttentionLayout] = {op: AttentionLayout.of(op) for op in ATTENTION_OPS}
+LAYOUTS[SP_ATTENTION] = AttentionLayout(dropout=None, causal=None, mask=3, outputs=3)
 
 
 def _argument(target: Any, args: Sequence[Any], kwargs: dict[str, Any], position: int | str,
@@ -73,12 +84,16 @@ def _argument(target: Any, args: Sequence[Any], kwargs: dict[str, Any], position
 
 def is_causal(node: fx.Node) -> bool:
     """Whether the attention call `node` applies the causal rule itself."""
+    if LAYOUTS[node.target].causal is None:
+        return True
     return bool(_argument(node.target, node.args, node.kwargs, LAYOUTS[node.target].causal,
                           False))
 
 
 def dropout(node: fx.Node) -> float:
     """The attention call's dropout probability (0.0 when none)."""
+    if LAYOUTS[node.target].dropout is None:
+        return 0.0
     return _argument(node.target, node.args, node.kwargs, LAYOUTS[node.target].dropout,
                      0.0) or 0.0
 
@@ -112,3 +127,14 @@ def with_causal(args: tuple, kwargs: dict, target: Any, causal: bool) -> tuple[t
     if isinstance(layout.mask, str):
         kwargs.pop(layout.mask, None)
     return tuple(args), kwargs
+
+
+def gathered_copies(node: fx.Node) -> int:
+    """How many shards' keys and values a streamed chunk of the attention call `node` reads:
+    the group's size for the sequence-parallel attention (each layer pass gathers every rank's
+    keys and values, `runtime.stream_shard`), else 1."""
+    if node.target is not SP_ATTENTION:
+        return 1
+    from memcompile.distributed.ops import group_size
+
+    return group_size(node.args[5])

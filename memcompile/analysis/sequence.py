@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis import attention
-from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.attention import SEQUENCE_ATTENTION_OPS
 
 aten = torch.ops.aten
 
@@ -159,7 +159,7 @@ class _Rules:
             if isinstance(seq, tuple):  # multi-output op: one SeqDim per output
                 return "local", seq[node.args[1]], ""
             return "local", seq, ""
-        if target in ATTENTION_OPS:
+        if target in SEQUENCE_ATTENTION_OPS:
             return self._attention(node)
         if isinstance(target, torch._ops.OpOverload) and (
                 torch.Tag.nondeterministic_seeded in target.tags):

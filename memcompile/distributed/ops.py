@@ -35,6 +35,11 @@ def group_name(group: Optional[dist.ProcessGroup]) -> str:
     return (group if group is not None else dist.group.WORLD).group_name
 
 
+def group_size(name: str) -> int:
+    """The number of ranks of the process group a graph names `name` (`group_name`)."""
+    return dist.get_world_size(_resolve_process_group(name))
+
+
 def _standard(t: Tensor) -> Tensor:
     """`t` with contiguous strides (size-1 dimensions included), copied only if needed."""
     if tuple(t.stride()) == tuple(make_contiguous_strides_for(t.shape)):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.attention import SEQUENCE_ATTENTION_OPS, gathered_copies
 from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.analysis.masks import DOCUMENT_MASK
 from memcompile.errors import MemoryBudgetError
@@ -104,9 +104,12 @@ def checkpoints_for(budget: Any, memory: StreamMemory) -> int | None:
 
 
 def _keys_values(region: Any, widened: bool = False) -> int:
-    """Bytes of a layer's keys and values; `widened`, at least float32's element size."""
+    """Bytes of a layer's keys and values; `widened`, at least float32's element size. Under
+    sequence parallelism a layer pass holds every rank's (`gathered_copies`), and the sums of
+    their gradients before each goes back to its owner."""
     inside = set(region.nodes)
-    return sum(_bytes(arg, widened) for node in region.nodes if node.target in ATTENTION_OPS
+    return sum(_bytes(arg, widened) * gathered_copies(node) for node in region.nodes
+               if node.target in SEQUENCE_ATTENTION_OPS
                for arg in node.args[1:3] if isinstance(arg, fx.Node) and arg in inside)
 
 
