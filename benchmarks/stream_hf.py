@@ -32,7 +32,10 @@ at the step's start (weights and gradients excluded) by the tracked measure
 step, by the CPU allocator (`allocator_peak`, profiler memory events). The tracked measure does
 not see buffers that Inductor-compiled kernels allocate (tests/test_measure.py), so where a
 compiled mode runs Inductor code only the allocator column counts everything. Then the median
-wall time of `--repeat` unobserved steps.
+wall time of `--repeat` unobserved steps. Last, the calls of one step
+(`memcompile.measure_calls.count_calls`: `aten::` operator events plus Inductor's generated CPU
+kernels, which every worker compiles with `kernel_profile()` so they are visible); `--calls-only`
+skips the peaks and times (a count does not depend on the machine's load).
 
     python benchmarks/stream_hf.py --out benchmarks/results/stream_hf.md
 
@@ -196,6 +199,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     from memcompile.measure import (allocator_peak, live_cpu_tensor_bytes, tracked_peak,
                                     wall_seconds)
+    from memcompile.measure_calls import count_calls, kernel_profile
     from memcompile.report import recording
 
     load_start = os.getloadavg()
@@ -209,18 +213,23 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (1, length),
                         generator=torch.Generator().manual_seed(SEED))
     warned = _Collect()
-    with _collecting(warned):
+    tracked = allocated = baseline = None
+    times: list[float] = []
+    # Inductor's kernels record themselves (the count sees them) wherever they are compiled.
+    with _collecting(warned), kernel_profile():
         step = _step_fn(model, ids, form, mode)
         with recording() as records:
             first = wall_seconds(step)  # compiles
             for _ in range(spec["warmup"]):
                 step()
-        gc.collect()
-        baseline = live_cpu_tensor_bytes()
-        tracked = tracked_peak(step)
-        gc.collect()
-        allocated = allocator_peak(step)
-        times = [wall_seconds(step) for _ in range(spec["repeat"])]
+        if not spec.get("calls_only"):
+            gc.collect()
+            baseline = live_cpu_tensor_bytes()
+            tracked = tracked_peak(step)
+            gc.collect()
+            allocated = allocator_peak(step)
+            times = [wall_seconds(step) for _ in range(spec["repeat"])]
+        calls = count_calls(step, device="cpu")
     assert all(p.grad is not None for p in model.parameters())
     graphs = [r.kind for r in records]
     notes = [f"{name}: {text}" for r in records for name, text in r.notes
@@ -230,8 +239,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "allocator_peak_bytes": allocated,
         "baseline_bytes": baseline,
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "seconds": statistics.median(times),
+        "seconds": statistics.median(times) if times else None,
         "times": times,
+        "aten_calls": calls.aten,
+        "kernel_calls": calls.kernels,
+        "calls": calls.calls,
+        "top_calls": calls.top(12),
         "first_step_seconds": first,
         "graphs": graphs,
         "notes": notes,
@@ -301,7 +314,11 @@ def _ok_rows(rows: list[dict], model: str, form: str) -> dict[tuple[str, int], d
 
 def _value(rows: dict, mode: str, length: int, key: str) -> float | None:
     r = rows.get((mode, length))
-    return None if r is None else r[key]
+    return None if r is None else r.get(key)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _growth(rows: dict, mode: str, short: int, long: int, key: str) -> float | None:
@@ -310,14 +327,16 @@ def _growth(rows: dict, mode: str, short: int, long: int, key: str) -> float | N
 
 
 def section(all_rows: list[dict], model: str, form: str, modes: list[str],
-            lengths: tuple[int, int]) -> str:
-    """The markdown of one model/form: rows, growth, ratios, targets."""
-    short, long = lengths
+            lengths: tuple[int, ...]) -> str:
+    """The markdown of one model/form: rows, calls, and with two lengths growth, ratios,
+    targets."""
+    short, long = lengths[0], lengths[-1]
     rows = _ok_rows(all_rows, model, form)
     sizes = ", ".join(f"{k}={v}" for k, v in MODELS[model].items())
     out = [f"### `{model}` ({sizes}), form `{form}`", ""]
     out += ["| mode | length | peak MiB (tracked) | peak MiB (allocator) | step s | first step s "
-            "| memcompile graphs |", "|---|---|---|---|---|---|---|"]
+            "| aten calls | Inductor kernels | calls / checkpoint's | memcompile graphs |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     failed = []
     for mode in modes:
         for length in lengths:
@@ -326,13 +345,19 @@ def section(all_rows: list[dict], model: str, form: str, modes: list[str],
             if r is None:
                 continue
             if not r.get("ok"):
-                out.append(f"| `{mode}` | {length} | failed | | | | |")
+                out.append(f"| `{mode}` | {length} | failed | | | | | | | |")
                 failed.append(f"`{mode}` at {length}: {r.get('error')}")
                 continue
             graphs = ", ".join(r["graphs"]) or "—"
+            calls = _value(rows, mode, length, "calls")
             out.append(f"| `{mode}` | {length} | {_mib(r['tracked_peak_bytes'])} | "
-                       f"{_mib(r['allocator_peak_bytes'])} | {r['seconds']:.2f} | "
-                       f"{r['first_step_seconds']:.1f} | {graphs} |")
+                       f"{_mib(r['allocator_peak_bytes'])} | {_num(r['seconds'], '.2f')} | "
+                       f"{r['first_step_seconds']:.1f} | {_num(r.get('aten_calls'), ',')} | "
+                       f"{_num(r.get('kernel_calls'), ',')} | "
+                       f"{_ratio(calls, _value(rows, REFERENCE, length, 'calls'))} | {graphs} |")
+    out += _calls_detail(rows, modes, lengths)
+    if short == long:  # one length: no growth
+        return "\n".join(out + _notes(rows, modes, lengths, failed))
     out += ["", f"Growth {short} → {long} tokens and ratios to `{REFERENCE}` at {long}:", "",
             "| mode | growth MiB (tracked) | growth MiB (allocator) | growth / checkpoint's "
             "(tracked) | growth / checkpoint's (allocator) | peak / checkpoint's (tracked) | "
@@ -366,7 +391,10 @@ def section(all_rows: list[dict], model: str, form: str, modes: list[str],
                 if bound is None:
                     continue
                 if key == "seconds":
-                    v = _value(rows, mode, long, "seconds") / ref_time
+                    v = _value(rows, mode, long, "seconds")
+                    if v is None or not ref_time:
+                        continue
+                    v /= ref_time
                     parts.append(f"{name} {v:.3f}x ≤ {bound}: {'met' if v <= bound else 'NOT met'}")
                     continue
                 vals = []
@@ -387,6 +415,28 @@ def section(all_rows: list[dict], model: str, form: str, modes: list[str],
         if verdicts:
             out += ["", "Targets (against `checkpoint`; the tracked measure, the allocator's in "
                     "brackets; met only where both are within the bound):", "", *verdicts]
+    return "\n".join(out + _notes(rows, modes, lengths, failed))
+
+
+def _calls_detail(rows: dict, modes: list[str], lengths: tuple[int, ...]) -> list[str]:
+    """The most frequent names among each row's counted calls."""
+    out = []
+    for mode in modes:
+        for length in lengths:
+            top = _value(rows, mode, length, "top_calls")
+            if top:
+                names = ", ".join(f"`{n}` {c:,}" for n, c in top)
+                out.append(f"- `{mode}` at {length}: {names}")
+    if out:
+        out = ["", "Most frequent calls per step (aten events at every nesting level, and "
+               "Inductor kernels):", ""] + out
+    return out
+
+
+def _notes(rows: dict, modes: list[str], lengths: tuple[int, ...],
+           failed: list[str]) -> list[str]:
+    """Inductor-run rows, failures, notes and warnings, under the tables."""
+    out: list[str] = []
     notes = []
     for mode in modes:
         for length in lengths:
@@ -410,7 +460,7 @@ def section(all_rows: list[dict], model: str, form: str, modes: list[str],
     if notes:
         out += ["", "Notes and warnings seen in the workers (at lengths):", ""]
         out += [f"- {entry} ({', '.join(map(str, lens))})" for entry, lens in notes]
-    return "\n".join(out)
+    return out
 
 
 def render(command: str, rows: list[dict], args: argparse.Namespace, started: str,
@@ -449,8 +499,8 @@ def main() -> int:
     parser.add_argument("--forms", default="loss,trainer")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--lengths", default=None,
-                        help="short,long for every model (smoke tests); default: small "
-                             "1024,2048 and wide 2048,4096")
+                        help="short,long for every model (or one length: no growth); "
+                             "default: small 1024,2048 and wide 2048,4096")
     parser.add_argument("--repeat", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="steps after the first (compiling) one before measuring")
@@ -458,6 +508,8 @@ def main() -> int:
     parser.add_argument("--no-cache", action="store_true",
                         help="model.config.use_cache = False in the loss form too (the trainer "
                              "form always sets it)")
+    parser.add_argument("--calls-only", action="store_true",
+                        help="count one step's calls only: no peaks, no timed steps")
     parser.add_argument("--out", default=None, help="markdown file (and its .json of rows)")
     parser.add_argument("--render", default=None, metavar="JSON",
                         help="print the tables of a results .json again (no run)")
@@ -487,8 +539,8 @@ def _split(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.modes = args.modes.split(",")
     if args.lengths:
         args.lengths = [int(x) for x in args.lengths.split(",")]
-        if len(args.lengths) != 2:
-            parser.error("--lengths takes two lengths: short,long")
+        if len(args.lengths) not in (1, 2):
+            parser.error("--lengths takes one length or two: short,long")
     for given, valid, name in ((args.models, MODELS, "models"), (args.forms, FORMS, "forms"),
                                (args.modes, MODES, "modes")):
         bad = [x for x in given if x not in valid]
@@ -514,12 +566,13 @@ def _run(args: argparse.Namespace, command: str, started: str, rows: list[dict])
                 for length in lengths:
                     spec = {"model": model, "form": form, "mode": mode, "seq_len": length,
                             "repeat": args.repeat, "warmup": args.warmup,
-                            "no_cache": args.no_cache}
+                            "no_cache": args.no_cache, "calls_only": args.calls_only}
                     row = run_one(spec, args.timeout)
                     rows.append(row)
                     state = (f"peak {_mib(row['tracked_peak_bytes'])} MiB tracked, "
                              f"{_mib(row['allocator_peak_bytes'])} allocator, "
-                             f"{row['seconds']:.2f} s/step, worker {row['wall_seconds']:.0f} s, "
+                             f"{_num(row['seconds'], '.2f')} s/step, {row['calls']:,} calls, "
+                             f"worker {row['wall_seconds']:.0f} s, "
                              f"graphs {row['graphs']}" if row.get("ok") else row["error"])
                     print(f"[{time.strftime('%H:%M:%S')}] {model} {form} {mode} {length}: "
                           f"{state}", file=sys.stderr, flush=True)

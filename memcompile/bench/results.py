@@ -52,12 +52,14 @@ def summarize(rows: Sequence[Mapping[str, Any]], seq_lens: Sequence[int],
             "slope": fit_slope([p[0] for p in points], [p[1] for p in points]),
             "seconds": ok[longest]["seconds"] if longest in ok else None,
             "first_step_seconds": ok[longest].get("first_step_seconds") if longest in ok else None,
+            "calls": ok[longest].get("calls") if longest in ok else None,
         })
     ref = next((s for s in summaries if s["mode"] == REFERENCE_MODE), None)
     if ref is not None:
         for s in summaries:
             s["slope_ratio"] = _ratio(s["slope"], ref["slope"])
             s["time_ratio"] = _ratio(s["seconds"], ref["seconds"])
+            s["calls_ratio"] = _ratio(s["calls"], ref["calls"])
     return summaries
 
 
@@ -85,7 +87,9 @@ def _fmt(value: float | None, *, ratio: bool = False) -> str:
 
 def render_table(rows: Sequence[Mapping[str, Any]], *, seq_lens: Sequence[int] | None = None,
                  modes: Sequence[str] | None = None) -> str:
-    """The markdown table: one row per mode; peaks in MiB, slope in KiB/token, ratios.
+    """The markdown table: one row per mode; peaks in MiB, slope in KiB/token, ratios, and
+    where the rows counted them, the calls of one step at the longest length
+    (`memcompile.measure_calls`) with their ratio.
 
     `seq_lens` and `modes` default to those in `rows`, modes in first-seen order.
     """
@@ -98,6 +102,9 @@ def render_table(rows: Sequence[Mapping[str, Any]], *, seq_lens: Sequence[int] |
               + ["KiB/token", f"step s @{longest}", f"first step s @{longest}"])
     if with_ratios:
         header += [f"slope / {REFERENCE_MODE}", f"time / {REFERENCE_MODE}"]
+    with_calls = any(r.get("calls") is not None for r in rows if r.get("ok"))
+    if with_calls:
+        header += [f"calls @{longest}"] + ([f"calls / {REFERENCE_MODE}"] if with_ratios else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summaries:
         cells = [f"`{s['mode']}`"]
@@ -106,6 +113,9 @@ def render_table(rows: Sequence[Mapping[str, Any]], *, seq_lens: Sequence[int] |
                   _fmt(s["seconds"]), _fmt(s["first_step_seconds"])]
         if with_ratios:
             cells += [_fmt(s["slope_ratio"], ratio=True), _fmt(s["time_ratio"], ratio=True)]
+        if with_calls:
+            cells += ["—" if s["calls"] is None else f"{s['calls']:,}"]
+            cells += [_fmt(s["calls_ratio"], ratio=True)] if with_ratios else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -133,7 +143,10 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         + (f", {weights / _MIB:.2f} MiB," if weights is not None else "")
         + " and the batch; no gradients). Step time: median of "
         f"{results['repeat']} steps after warm-up; first step: the compile step, timed alone. "
-        "KiB/token: least-squares slope of peak against tokens (batch × length).",
+        "KiB/token: least-squares slope of peak against tokens (batch × length)."
+        + (" Calls: of one more step, counted by torch.profiler: on the CPU `aten::` operator "
+           "events (nested ones too) plus Inductor's generated kernels, on CUDA kernel "
+           "launches (`memcompile.measure_calls`)." if any("calls" in r for r in rows) else ""),
         "",
     ]
     if results.get("jobs", 1) > 1:

@@ -107,6 +107,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     import memcompile
     from memcompile.measure import wall_seconds
+    from memcompile.measure_calls import count_calls, kernel_profile
     from memcompile.report import recording
 
     device = spec["device"]
@@ -118,7 +119,8 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
     patch = (torch._functorch.config.patch(activation_memory_budget=budget)
              if budget is not None else contextlib.nullcontext())
     torch.manual_seed(DEFAULT_SEED)
-    with patch:
+    # kernel_profile: Inductor's CPU kernels record themselves, so the call count sees them.
+    with patch, kernel_profile():
         model, vocab = _build(spec["model"], dtype, device)
         batch = _batch(vocab, spec["batch_size"], spec["seq_len"], device)
         wrapped = _wrap(model, mode, spec.get("options") or {})
@@ -134,6 +136,7 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         method = "cuda" if device == "cuda" else "allocator"
         # One more warm-up inside measure: some runtimes settle (caches, lazy init) on step two.
         result = memcompile.measure(step, warmup=1, repeat=spec["repeat"], method=method)
+        calls = count_calls(step, device=device)
     plans = [r.plan for r in records if r.plan is not None]
     return {
         "peak_bytes": result.peak_bytes,
@@ -143,6 +146,11 @@ def run_worker(spec: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": result.seconds,
         "first_step_seconds": first_seconds,
         "method": result.method,
+        # one more step's calls: aten events + Inductor kernels (CPU), kernel launches (CUDA)
+        "calls": calls.calls,
+        "aten_calls": calls.aten,
+        "kernel_calls": calls.kernels,
+        "top_calls": calls.top(12),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "torch_version": torch.__version__,
         "device": device,
