@@ -3,10 +3,16 @@
 Queries `[s, e)` may see keys `[0, e)` with the causal rule aligned to the lower right. The
 kernel's `is_causal` aligns the top left when there are fewer queries than keys, and an
 explicit mask costs `chunk × e` floats and makes the kernel score every masked pair. Instead,
-two calls: keys `[0, s)` are all visible (no mask), keys `[s, e)` form a square causal block.
-Their outputs merge by their log-sum-exps. The backward calls the kernel's own backward once
-per block with the merged output and log-sum-exp, which gives each block's share of the
-gradient exactly (the softmax's normalizer is the merged one).
+keys `[0, s)` are all visible (no mask) and keys `[s, e)` form a square causal block: a call
+for each, their outputs merged by their log-sum-exps. The backward calls the kernel's own
+backward once per block with the merged output and log-sum-exp, which gives each block's share
+of the gradient exactly (the softmax's normalizer is the merged one).
+
+The visible prefix is one call where memory allows, not blocks of a fixed size: `key_block`
+estimates the bytes a call holds per key it is given (a fused kernel's backward returns the
+block's key and value gradients; plain ops hold its scores, `queries × keys` per head) and
+gives each call as many keys as fit under what the chunk's attention holds anyway
+(`chunk_bound`). A fused kernel's forward holds nothing per key: its prefix is always one call.
 
 transformers' eager path (`memcompile::eager_attention`: softcapped or biased scores, a softmax in
 float32) has no fused kernel: `prefix_eager_attention` computes a chunk's scores over its whole
@@ -20,7 +26,8 @@ from typing import Any
 import torch
 
 from memcompile.analysis.eager_attention import eager_attention_math
-from memcompile.runtime.attention_kernels import accumulation_dtype, attend, attend_backward
+from memcompile.runtime.attention_kernels import (accumulation_dtype, attend, attend_backward,
+                                                  kernel_kind)
 
 
 class PrefixCausalAttention(torch.autograd.Function):
@@ -28,10 +35,11 @@ class PrefixCausalAttention(torch.autograd.Function):
     query `i` seeing keys up to `e - c + i`. The log-sum-exp output carries no gradient (as
     the kernel's own).
 
-    The backward runs per block of at most `KEY_BLOCK` keys (or the chunk's length), so its
-    transients are block-sized. With `sinks` (two buffers shaped as `k` and `v`), the keys' and
-    values' gradients are added into them and none is returned: a caller summing those
-    gradients over chunks then holds no whole-length gradient per chunk.
+    Forward and backward call the kernel once over the causal diagonal and over the visible
+    prefix in blocks of `key_block` keys (the whole prefix where it fits). With `sinks` (two
+    buffers shaped as `k` and `v`), the keys' and values' gradients are added into them and
+    none is returned: a caller summing those gradients over chunks then holds no whole-length
+    gradient per chunk.
 
     With `mask`, an additive mask over keys alone (`(B|1, H|1, 1, e)`: padding) or over the
     chunk's queries and its keys (`(B|1, H|1, c, e)`: a chunk's rows of a document mask, which
@@ -45,26 +53,26 @@ class PrefixCausalAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None,
                 op: Any, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix = k.shape[2] - q.shape[2]
-        out, lse, state = attend(q, k[:, :, prefix:], v[:, :, prefix:], True, scale, op,
-                                 _columns(mask, prefix, None))
-        lse = _unseen_to_minus_infinity(lse, _columns(mask, prefix, None), causal=True)
-        if prefix:
-            out_p, lse_p, _ = attend(q, k[:, :, :prefix], v[:, :, :prefix], False, scale, op,
-                                     _columns(mask, 0, prefix))
-            lse_p = _unseen_to_minus_infinity(lse_p, _columns(mask, 0, prefix), causal=False)
-            merged = torch.logaddexp(lse_p, lse)
-        else:
-            merged = lse
+        keys = k.shape[2]
+        prefix = keys - q.shape[2]
+        out = lse = diagonal_state = None
+        # The diagonal first, then the prefix's blocks: with one prefix block, the merge is
+        # the two-call merge in that order.
+        for a, b, causal in _key_blocks(prefix, keys, key_block(q, k, op, backward=False)):
+            block_out, block_lse, state = attend(q, k[:, :, a:b], v[:, :, a:b], causal, scale,
+                                                 op, _columns(mask, a, b))
+            block_lse = _unseen_to_minus_infinity(block_lse, _columns(mask, a, b), causal)
+            if out is None:
+                out, lse, diagonal_state = block_out, block_lse, state
+            else:
+                out, lse, finite = _merge(out, lse, block_out, block_lse)
+        if mask is not None and not prefix:
+            out, lse, finite = _merge(out, lse, None, None)
         if mask is not None or prefix:
-            # A row that sees no key: output 0, log-sum-exp 0 (no NaN from -inf - -inf).
-            merged = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
-            out = out * torch.exp(lse - merged).unsqueeze(-1)
-            if prefix:
-                out = out + out_p * torch.exp(lse_p - merged).unsqueeze(-1)
-            out, lse = out.to(q.dtype), merged
+            # A row that sees no key: output 0 (the merge gives it), log-sum-exp 0.
+            out, lse = out.to(q.dtype), finite
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, state, op
+        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, diagonal_state, op
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -80,7 +88,8 @@ class PrefixCausalAttention(torch.autograd.Function):
         grad_q = None
         # With the merged output and log-sum-exp, the kernel's backward over a block of keys
         # gives that block's exact share: the softmax's normalizer is the merged one.
-        for a, b, causal in _key_blocks(keys - queries, keys, max(queries, KEY_BLOCK)):
+        for a, b, causal in _key_blocks(keys - queries, keys,
+                                        key_block(q, k, ctx.op, backward=True)):
             dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
                                          causal, ctx.scale, ctx.state, ctx.op,
                                          _columns(mask, a, b))
@@ -117,14 +126,75 @@ def _unseen_to_minus_infinity(lse: torch.Tensor, mask: torch.Tensor | None,
     return torch.where(seen, lse, torch.full_like(lse, float("-inf")))
 
 
-KEY_BLOCK = 1024
-"""Keys per call of the kernel's backward over the visible prefix."""
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor | None,
+           block_lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two blocks' outputs merged by their log-sum-exps (None: an empty block), the merged
+    log-sum-exp, and the same with 0 for -inf: a row that sees no key of either keeps -inf
+    (a later block then weighs alone) and gets output 0."""
+    merged = lse if block_lse is None else torch.logaddexp(lse, block_lse)
+    # -inf - -inf is NaN: such a row is weighed against 0 instead, which gives it weight 0.
+    finite = torch.where(torch.isfinite(merged), merged, torch.zeros_like(merged))
+    out = out * torch.exp(lse - finite).unsqueeze(-1)
+    if block_out is not None:
+        out = out + block_out * torch.exp(block_lse - finite).unsqueeze(-1)
+    return out, merged, finite
 
 
 def _key_blocks(prefix: int, keys: int, block: int) -> list[tuple[int, int, bool]]:
-    """`[a, b)` key ranges: the visible prefix in blocks, then the causal diagonal block."""
+    """`[a, b)` key ranges: the causal diagonal block, then the visible prefix in blocks."""
     ranges = [(a, min(a + block, prefix), False) for a in range(0, prefix, block)]
-    return ranges + [(prefix, keys, True)]
+    return [(prefix, keys, True)] + ranges
+
+
+def chunk_bound(q: torch.Tensor) -> int:
+    """Bytes a chunk's attention holds through its backward whatever the blocks: its queries,
+    output and output's gradient, the gradient of its queries summed over blocks (float32 or
+    wider) and one call's share of it. A call given keys within this bound at most doubles what
+    the chunk's attention holds; all of it is of the chunk's own values, which the stream
+    estimate counts whole in a layer chunk (with the projections' and the MLP's, several times
+    more), and not of the sequence's length."""
+    return q.numel() * (4 * q.element_size() + _wide_size(q.dtype))
+
+
+def transient_per_key(q: torch.Tensor, k: torch.Tensor, kind: str, backward: bool) -> int:
+    """Bytes one kernel call holds per key it is given, beyond the chunk-sized ones
+    (`chunk_bound`): the key and value gradients of a fused kernel's backward (the flash
+    kernel builds them for every query head first when heads are grouped; the efficient
+    kernel's sums are float32 for half precision), the scores of plain ops (the backward holds
+    scores, probabilities and their gradients at once, plus grouped-head key and value
+    gradients; the forward, scores and their exponentials). A fused forward holds none."""
+    batch, heads, queries, dim = q.shape
+    key_heads, size, wide = k.shape[1], k.element_size(), _wide_size(q.dtype)
+    if kind == "math":
+        scores = batch * heads * queries * wide
+        return 4 * scores + 2 * batch * heads * dim * wide if backward else 2 * scores
+    if not backward:
+        return 0
+    if kind == "flash":
+        return 2 * batch * dim * size * (key_heads + (heads if heads != key_heads else 0))
+    if kind == "efficient":
+        return 2 * batch * key_heads * dim * (size + (4 if size < 4 else 0))
+    return 2 * batch * key_heads * dim * size
+
+
+def _wide_size(dtype: torch.dtype) -> int:
+    """Bytes of an element of `accumulation_dtype(dtype)` for a float dtype (without
+    `torch.promote_types`, which the profiler counts as an operator call)."""
+    return max(dtype.itemsize, 4)
+
+
+def key_block(q: torch.Tensor, k: torch.Tensor, op: Any = None, *, backward: bool,
+              bound: int | None = None) -> int:
+    """Keys per kernel call over the visible prefix of queries `q` over keys `k` on the kernel
+    of `op`: the whole prefix when a call's transient for it (`transient_per_key`) fits
+    `bound` (default `chunk_bound(q)`), else as many keys as fit, but never fewer than the
+    chunk's queries (the diagonal block, one call whatever the bound, holds that many)."""
+    queries, prefix = q.shape[2], k.shape[2] - q.shape[2]
+    per_key = transient_per_key(q, k, kernel_kind(q, k, op), backward)
+    bound = chunk_bound(q) if bound is None else bound
+    if per_key * prefix <= bound:
+        return max(prefix, 1)
+    return max(queries, bound // per_key)
 
 
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

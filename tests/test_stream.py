@@ -621,7 +621,7 @@ def test_keys_values_gradients_go_into_sinks_block_by_block(monkeypatch, kernel)
     import memcompile.runtime.attention_kernels as attention_kernels
     import memcompile.runtime.chunk_attention as chunk_attention
 
-    monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 3)
+    monkeypatch.setattr(chunk_attention, "key_block", lambda *a, **kw: 3)
     monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k, op=None: kernel)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, h, 12, 8, dtype=torch.float64, generator=gen).requires_grad_()
@@ -719,7 +719,7 @@ def test_chunk_attention_under_a_key_mask_equals_the_whole_kernel(monkeypatch, k
     import memcompile.runtime.attention_kernels as attention_kernels
     import memcompile.runtime.chunk_attention as chunk_attention
 
-    monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 3)
+    monkeypatch.setattr(chunk_attention, "key_block", lambda *a, **kw: 3)
     monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k, op=None: kernel)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.float64, generator=gen).requires_grad_()

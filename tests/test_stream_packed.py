@@ -296,7 +296,7 @@ def test_chunk_attention_under_a_document_mask_equals_the_whole_kernel(monkeypat
     import memcompile.runtime.attention_kernels as attention_kernels
     import memcompile.runtime.chunk_attention as chunk_attention
 
-    monkeypatch.setattr(chunk_attention, "KEY_BLOCK", 2)
+    monkeypatch.setattr(chunk_attention, "key_block", lambda *a, **kw: 2)
     monkeypatch.setattr(attention_kernels, "kernel_kind", lambda q, k, op=None: kernel)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, h, 16, 8, dtype=torch.float64, generator=gen).requires_grad_()
