@@ -134,12 +134,15 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
     record.stream_plan = plan
     record.forward = forward
     record.forward_code = forward.code
-    if options.runtime == "inductor":
-        record.notes.append((STREAM_PASS, "stream regions run their chunks eagerly (not through "
-                                          "Inductor)"))
+    compiled = options.runtime == "inductor"
+    if compiled:
+        record.notes.append((STREAM_PASS, "stream regions run their chunk bodies as "
+                                          "Inductor-compiled segments, shared across chunks "
+                                          "and layers"))
     log.info("%s: stream: %d layers chunked, head %s", record.name, len(plan.layers),
              "chunked" if plan.head else "whole")
-    program = StreamProgram(forward, plan, fused.slots_of(inputs))  # records fused updates
+    program = StreamProgram(forward, plan, fused.slots_of(inputs),  # records fused updates
+                            compiled=compiled)
     for made, (chain, _) in program.rebuilt.items():
         reads = sorted({n.name for node in chain for n in node.all_input_nodes} - set(
             n.name for n in chain))

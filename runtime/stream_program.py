@@ -13,6 +13,7 @@ import torch.fx as fx
 from memcompile.analysis.readers import sole_readers
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.stream import ChunkRunner
+from memcompile.runtime.stream_compiled import CompiledBodies
 from memcompile.runtime.stream_layers import StreamLayers, group_side
 from memcompile.runtime.stream_loss import StreamBatch, StreamHead
 from memcompile.runtime.stream_fused import StreamUpdates, on_grad, plan_updates
@@ -25,13 +26,18 @@ class StreamProgram:
 
     `fused_slots` (graph input index -> slot, `memcompile.optim.fused.slots_of` of the
     compiled function's inputs): the weights whose optimizer updates them inside the backward.
+    `compiled`: chunk bodies run as Inductor-compiled segments (`stream_compiled`), not node
+    by node in Python.
     """
 
     def __init__(self, gm: fx.GraphModule, plan: Any,
-                 fused_slots: Mapping[int, int] | None = None):
+                 fused_slots: Mapping[int, int] | None = None, *, compiled: bool = False):
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.runners = [ChunkRunner(r, plan) for r in plan.regions]
+        if compiled:
+            for runner in self.runners:
+                runner.bodies = CompiledBodies(runner)
         self.owner: dict[fx.Node, ChunkRunner] = {}
         for runner in self.runners:
             for node in runner.region.nodes:

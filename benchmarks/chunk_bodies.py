@@ -1,0 +1,114 @@
+"""Compiled chunk bodies (issue 18, point 1) against the Python loop and per-layer
+checkpointing: one training step of the built-in `wide` model, float32, on the CPU.
+
+    python benchmarks/chunk_bodies.py --seq-len 8192 --modes checkpoint,loop,compiled
+
+Modes, each in its own process (no compiled code or allocator state shared):
+
+- `checkpoint`: eager with per-layer activation checkpointing (non-reentrant), as
+  `memcompile bench`'s `checkpoint` mode.
+- `loop`: StreamBP (`stream=True`) with `runtime="eager"`: chunk bodies run node by node in
+  Python (`ChunkRunner.run`'s loop).
+- `compiled`: StreamBP with the default runtime (Inductor): chunk bodies run as compiled
+  segments (`runtime.stream_compiled`).
+
+Each prints one JSON line: the first step's seconds (compiles included), the median of
+`--repeat` steps (wall, and the process's CPU seconds: on a shared machine the second moves less
+with the load), the calls of one step (`memcompile.measure_calls`: aten events plus Inductor's
+CPU kernels, compiled with kernel profiling on), the compiled bodies' counters, the allocator
+peak (`memcompile.measure`, optional) and the load averages before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _step_fn(mode: str, seq_len: int):
+    import torch
+
+    import memcompile  # noqa: F401  (registers the backend)
+    from memcompile.models import build_model, make_batch
+
+    model = build_model("wide", dtype=torch.float32)
+    batch = make_batch("wide", batch_size=1, seq_len=seq_len)
+    if mode == "checkpoint":
+        model.enable_gradient_checkpointing()
+        call = lambda: model(**batch).loss  # noqa: E731
+    else:
+        options = {"stream": True, "runtime": "eager" if mode == "loop" else "inductor"}
+        loss = torch.compile(lambda b: model(**b).loss, backend="memcompile", options=options)
+        call = lambda: loss(batch)  # noqa: E731
+
+    def step() -> None:
+        call().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker(mode: str, seq_len: int, repeat: int, peak: bool) -> dict:
+    import torch
+
+    import memcompile
+    from memcompile.measure_calls import count_calls, kernel_profile
+    from memcompile.runtime.stream_compiled import STATS
+
+    load_before = os.getloadavg()
+    with kernel_profile():  # Inductor's kernels record themselves (compiled inside)
+        step = _step_fn(mode, seq_len)
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+        times, cpu = [], []
+        for _ in range(repeat):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        calls = count_calls(step, device="cpu")
+        peak_bytes = (memcompile.measure(step, warmup=0, repeat=1, method="allocator").peak_bytes
+                      if peak else None)
+    return {"mode": mode, "seq_len": seq_len, "first_step_s": round(first, 2),
+            "step_s": round(statistics.median(times), 2), "times": [round(t, 2) for t in times],
+            "cpu_s": round(statistics.median(cpu), 2),
+            "aten": calls.aten, "kernels": calls.kernels, "calls": calls.calls,
+            "top": calls.top(12), "graphs": STATS.graphs, "kinds": STATS.kinds,
+            "segment_calls": STATS.calls, "fallbacks": STATS.fallbacks,
+            "peak_bytes": peak_bytes, "threads": torch.get_num_threads(),
+            "load_before": load_before, "load_after": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--modes", default="checkpoint,loop,compiled")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--peak", action="store_true", help="also measure the allocator peak")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        print(json.dumps(worker(args.worker, args.seq_len, args.repeat, args.peak)), flush=True)
+        return
+    for mode in args.modes.split(","):
+        command = [sys.executable, __file__, "--worker", mode, "--seq-len", str(args.seq_len),
+                   "--repeat", str(args.repeat)] + (["--peak"] if args.peak else []) + (
+                       ["--threads", str(args.threads)] if args.threads else [])
+        out = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        print(lines[-1] if lines else json.dumps({"mode": mode, "error": out.stderr[-2000:]}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
