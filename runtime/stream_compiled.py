@@ -12,13 +12,19 @@ the chunk) and whose outputs are only the values read by a later step or kept, s
 memory rule (a value dies after its last reader) holds at segment granularity and Inductor
 frees what lives inside one.
 
+Views and element-wise ops of weights that require grad (a projection's transposed weight)
+are made inside the graph (`_weight_views`): a backward chunk would otherwise make them, and
+backpropagate through them, in Python for every chunk.
+
 A segment's graph is written with canonical names and its sequence sizes in terms of one
 symbolic chunk length (read off an input's size), so the layers of a model produce the same code;
 its compiled callable is cached on that code and its inputs' shapes modulo the chunk length
 (`_CACHE`). The chunk dimension of every input is marked dynamic: the last, shorter chunk and a
 prefix `[0, end)` that grows from chunk to chunk reuse one compiled graph. A chunk of one token
-specializes (Dynamo's 0/1 rule): one more graph, once. Autograd runs through a compiled callable,
-so a backward chunk (its forward with autograd, then `autograd.grad`) gets a compiled backward.
+specializes (Dynamo's 0/1 rule): one more graph, once; so does a prefix `[0, end)` that reaches
+the whole length in a batch of several sequences (the slice turns contiguous). Autograd runs
+through a compiled callable, so a backward chunk (its forward with autograd, then
+`autograd.grad`) gets a compiled backward.
 
 A segment whose compile fails runs its nodes in Python (`ChunkRunner.evaluate`), after one
 warning that names the cause; `STATS` counts graphs compiled, cache hits and fallbacks.
