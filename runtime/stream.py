@@ -21,12 +21,14 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis import attention
-from memcompile.analysis.attention import ATTENTION_OPS
+from memcompile.analysis.attention import SEQUENCE_ATTENTION_OPS
 from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.analysis.sequence import SeqDim
+from memcompile.distributed.ops import SP_ATTENTION
 from memcompile.runtime.chunk_attention import prefix_causal_attention, prefix_eager_attention
 from memcompile.runtime.document_mask import (DocumentIds, document_attention,
                                               evaluate_input_only)
+from memcompile.runtime.stream_shard import shard_attention
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,9 @@ class ChunkRunner:
         self.once, self.boundary, self.per_chunk = _computed_once(region, plan.info)
         self.dies_after = _last_readers(region)
         self.causal_mask_checked: dict[int, bool] = {}
+        self.bodies: Any = None
+        """Compiled chunk bodies (`stream_compiled.CompiledBodies`) that `run` hands its work
+        to; None runs the nodes one by one in Python (the eager runtime, the reference)."""
 
     def start_of(self, node: fx.Node, start: int, prefix_from_zero: bool = True) -> int:
         """Where the range of `node` begins for a chunk beginning at `start` (with
@@ -126,6 +131,10 @@ class ChunkRunner:
         dropped after its last reader, so a whole-length run without autograd holds no more
         than eager would.
         """
+        if self.bodies is not None:
+            return self.bodies.run(x, start, end, whole, reduce_hook=reduce_hook, preset=preset,
+                                   only=only, keep=keep, x_start=x_start,
+                                   prefix_from_zero=prefix_from_zero, sinks=sinks)
         env: dict[fx.Node, Any] = {}
         starts: dict[fx.Node, int] = {}
         if x is not None:
@@ -147,30 +156,36 @@ class ChunkRunner:
             if only is not None and node not in only:
                 continue
             first = self.start_of(node, start, prefix_from_zero)
-            if node.target is operator.getitem and node.args[0] in env:
-                env[node] = self._item(node, env[node.args[0]], starts[node.args[0]], first, end)
-            else:
-                args, kwargs = self._inputs(node, env, starts, whole, first, end)
-                if reduce_hook is not None and node in self.region.reductions:
-                    env[node] = reduce_hook(node, args, kwargs)
-                elif self._over_sequence(node):
-                    env[node] = self._attention(node, args, kwargs, first, end, sinks)
-                else:
-                    target = node.target
-                    if target in _SIZE_ARG_OPS:
-                        args = (args[0], self._resized(node, args[1], first, end), *args[2:])
-                        # A narrowed input may not be viewable; reshape copies only then.
-                        target = _RESHAPE.get(target, target)
-                    env[node] = target(*args, **kwargs)
+            env[node] = self.evaluate(node, env, starts, whole, first, end, reduce_hook, sinks)
             starts[node] = first
             for dead in self.dies_after.get(i, ()):
                 if dead not in keep_set:
                     env.pop(dead, None)
         return {n: env[n] for n in keep if n in env}
 
+    def evaluate(self, node: fx.Node, env: dict[fx.Node, Any], starts: dict[fx.Node, int],
+                 whole: dict[fx.Node, Any], first: int, end: int,
+                 reduce_hook: Callable[[fx.Node, tuple, dict], Any] | None = None,
+                 sinks: dict[fx.Node, torch.Tensor] | None = None) -> Any:
+        """One activation node's value over `[first, end)`, from the values in `env` (each
+        over `[starts[n], end)`) and `whole`."""
+        if node.target is operator.getitem and node.args[0] in env:
+            return self._item(node, env[node.args[0]], starts[node.args[0]], first, end)
+        args, kwargs = self._inputs(node, env, starts, whole, first, end)
+        if reduce_hook is not None and node in self.region.reductions:
+            return reduce_hook(node, args, kwargs)
+        if self._over_sequence(node):
+            return self._attention(node, args, kwargs, first, end, sinks)
+        target = node.target
+        if target in _SIZE_ARG_OPS:
+            args = (args[0], self._resized(node, args[1], first, end), *args[2:])
+            # A narrowed input may not be viewable; reshape copies only then.
+            target = _RESHAPE.get(target, target)
+        return target(*args, **kwargs)
+
     def _over_sequence(self, node: fx.Node) -> bool:
         """Attention across the chunked dimension (not within each sample of a chunked batch)."""
-        return node.target in ATTENTION_OPS and self.info.effects.get(node) == "mixes"
+        return node.target in SEQUENCE_ATTENTION_OPS and self.info.effects.get(node) == "mixes"
 
     def _item(self, node: fx.Node, values: Any, have: int, first: int, end: int) -> Any:
         """One output of a multi-output op, narrowed to the range its readers need."""
@@ -207,29 +222,35 @@ class ChunkRunner:
 
     def _narrow_whole(self, node: fx.Node, arg: fx.Node, value: Any, first: int, end: int) -> Any:
         """An input-only value narrowed where it meets the sequence of `node`'s output."""
+        seq = self.whole_rows(node, arg, value)
+        return value if seq is None else narrow_seq(value, seq, first, end - first)
+
+    def whole_rows(self, node: fx.Node, arg: fx.Node, value: Any) -> SeqDim | None:
+        """Where the input-only `value` of `arg` meets the sequence of `node`'s output: the
+        dimension a chunk narrows it along, or None when `node` reads it whole."""
         if not isinstance(value, torch.Tensor):
-            return value
+            return None
         seq = self.info.dim_of(arg)
         if isinstance(seq, SeqDim):
-            return narrow_seq(value, seq, first, end - first)
+            return seq
         if node.target in _TARGET_OPS and arg is node.args[1]:
             # Class targets line up with the input's rows (a shifted copy of the labels
             # carries no sequence dimension of its own: the shift hides it from the analysis).
             rows = self.info.dim_of(node.args[0])
             if isinstance(rows, SeqDim) and rows.dim == 0 and value.dim() >= 1:
-                return narrow_seq(value, rows, first, end - first)
+                return rows
         if not _broadcasts(node):
-            return value  # a weight of a matmul, say: never cut along the sequence by its size
+            return None  # a weight of a matmul, say: never cut along the sequence by its size
         out_seq = self.info.dim_of(node)
         out_seq = out_seq[0] if isinstance(out_seq, tuple) else out_seq
         out_val = node.meta.get("val")
         out_val = out_val[0] if isinstance(out_val, (tuple, list)) else out_val
         if not isinstance(out_seq, SeqDim) or not isinstance(out_val, torch.Tensor):
-            return value
+            return None
         dim = out_seq.dim - (out_val.dim() - value.dim())
         if 0 <= dim < value.dim() and value.shape[dim] == out_val.shape[out_seq.dim] > 1:
-            return narrow_seq(value, out_seq.moved(dim), first, end - first)
-        return value
+            return out_seq.moved(dim)
+        return None
 
     def _resized(self, node: fx.Node, sizes: Sequence[int], first: int, end: int) -> list[int]:
         seq = self.info.dim_of(node)
@@ -250,6 +271,8 @@ class ChunkRunner:
         """
         if node.target is EAGER_ATTENTION:
             return self._eager_attention(args, kwargs, first, end)
+        if node.target is SP_ATTENTION:  # over every rank's keys (`stream_shard`)
+            return shard_attention(self, node, args, kwargs, first, end)
         mask = attention.call_mask(node.target, args, kwargs)
         if isinstance(mask, DocumentIds):
             return self._document_attention(node, args, kwargs, mask, first, end, sinks)
@@ -312,7 +335,7 @@ def _computed_once(region: Any, info: Any) -> tuple[set[fx.Node], dict[fx.Node, 
     inside = set(region.nodes)
     boundary: dict[fx.Node, bool] = {}
     for node in region.nodes:
-        if node.target in ATTENTION_OPS:
+        if node.target in SEQUENCE_ATTENTION_OPS:
             for arg in node.args[1:3]:
                 if isinstance(arg, fx.Node) and arg in inside:
                     if not isinstance(info.dim_of(arg), SeqDim):
