@@ -58,7 +58,10 @@ class StreamOptions:
     """StreamBP chunking, normalized from `True` or a dict."""
 
     chunk_size: int | Literal["auto"] = "auto"
-    """Tokens per chunk when re-running a layer in the backward; "auto" sizes it."""
+    """Tokens per chunk when re-running a layer in the backward. "auto": the longest chunk
+    whose values stay within a quarter of the held layer inputs' bytes, at least 1,024 tokens;
+    under a numeric `memory_budget`, the fewest chunks that meet it with the most inputs held
+    (`memcompile.planning.stream_chunks`)."""
     logits_chunk_size: int | Literal["auto"] = "auto"
     """Tokens per chunk of the LM head and loss; "auto" sizes it."""
     dim: Literal["sequence", "batch"] = "sequence"

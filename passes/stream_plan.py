@@ -43,6 +43,7 @@ from memcompile.analysis.sequence import (SeqDim, SequenceInfo, analyze_sequence
 from memcompile.config import Options, StreamOptions
 from memcompile.meta import STREAM_PLAN, Decision, record_decision, record_note
 from memcompile.passes.registry import register_pass
+from memcompile.planning.stream_chunks import MIN_AUTO_CHUNK, choose_chunks
 from memcompile.planning.stream_memory import checkpoints_for, estimate
 from memcompile.planning.stream_schedule import (Reversal, groups_reversal, least_checkpoints,
                                                reversal)
@@ -54,8 +55,8 @@ _ADDITIVE = (torch.ops.aten.nll_loss_forward.default, torch.ops.aten.sum.dim_Int
              torch.ops.aten.mean.dim, torch.ops.aten.sum.default, torch.ops.aten.mean.default)
 """Reductions over the sequence whose value is a sum of per-chunk shares."""
 _NLL = torch.ops.aten.nll_loss_forward.default
-DEFAULT_CHUNK = 1024
-"""Tokens per layer chunk when `chunk_size` is "auto"."""
+HEAD_MAX_CHUNK = 1024
+"""The most tokens per head chunk when `logits_chunk_size` is "auto"."""
 DEFAULT_BATCH_CHUNK = 32
 """Samples per chunk when chunking the batch and `chunk_size` is "auto"."""
 HEAD_CHUNK_BYTES = 32 * 2**20
@@ -465,7 +466,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     stream = stream_options(options)
     plan = StreamPlan(info, activations, [], layers_per_checkpoint=stream.layers_per_checkpoint)
     _note_returned_cache(gm, info, plan)
-    chunk = _chunk(stream.chunk_size, DEFAULT_CHUNK)
+    chunk = _chunk(stream.chunk_size, MIN_AUTO_CHUNK)  # "auto": sized in `_hold`
     for start, stop in _find_layers(nodes, cuts, attentions, end, plan):
         region = _region("layer", nodes, start, stop, activations, [nodes[stop]])
         problem = _layer_problem(region, info, activations)
@@ -505,15 +506,21 @@ def _note_returned_cache(gm: fx.GraphModule, info: SequenceInfo, plan: StreamPla
 
 def _hold(gm: fx.GraphModule, plan: StreamPlan, example_inputs: list[Any],
           options: Options) -> None:
-    """Decide how many layer inputs a run holds at once (`stream.checkpoints`, else from a
-    numeric `memory_budget`) and record it with the estimated peak."""
+    """Decide how long layer chunks are (`chunk_size`, or sized by `choose_chunks`) and how many
+    layer inputs a run holds at once (`stream.checkpoints`, else from a numeric
+    `memory_budget`); record both, with the estimated peak."""
     if not plan.layers:
         return
-    memory = estimate(plan, [x for x in example_inputs
-                             if isinstance(x, torch.Tensor) and x.requires_grad])
-    given = stream_options(options).checkpoints
-    plan.checkpoints = given if isinstance(given, int) else checkpoints_for(
-        options.memory_budget, memory)
+    parameters = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    stream = stream_options(options)
+    given = stream.checkpoints if isinstance(stream.checkpoints, int) else None
+    if stream.chunk_size == "auto":
+        choice = choose_chunks(plan, parameters, options.memory_budget, given)
+        memory, plan.checkpoints = choice.memory, choice.checkpoints
+        record_note(gm, STREAM_PASS, choice.why)
+    else:
+        memory = estimate(plan, parameters)
+        plan.checkpoints = given if given else checkpoints_for(options.memory_budget, memory)
     kept = set()
     for run in plan.runs:
         walk = plan.reversal(len(run))
@@ -557,7 +564,7 @@ def _head_chunk(region: Region, plan: StreamPlan) -> int:
     """Tokens per head chunk so that its largest value holds about `HEAD_CHUNK_BYTES`."""
     per_token = max(_bytes(n) for n in region.nodes if n in plan.activations) / plan.info.length
     tokens = int(HEAD_CHUNK_BYTES // max(per_token, 1))
-    return max(16, min(DEFAULT_CHUNK, 1 << max(tokens, 1).bit_length() - 1))
+    return max(16, min(HEAD_MAX_CHUNK, 1 << max(tokens, 1).bit_length() - 1))
 
 
 def _flatten(value: Any) -> list[fx.Node]:
