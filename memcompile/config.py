@@ -39,6 +39,8 @@ SP_SCHEDULES = {"balanced": "zigzag", "ring": "contiguous"}
 """`sequence_parallel.schedule`, the design's name for the layout: the balanced schedule runs
 on zigzag shards, the plain ring on contiguous ones."""
 SP_KEYS = ("group", "layout", "schedule", "timeout")
+_OFFLOAD_VALID = ('False, True, or a dict of "bandwidth" (bytes per second, a positive number, '
+                  'or "measured") and "on_cpu" (a bool)')
 
 
 def parse_bytes(text: str) -> int:
@@ -96,6 +98,20 @@ class SequenceParallelOptions:
     """Seconds a rank waits on a peer's transfer before `PeerError` names the peer."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class OffloadOptions:
+    """Offload to host memory (`planning.offload`), normalized from `True` or a dict."""
+
+    bandwidth: float | Literal["measured"] = "measured"
+    """Host-device bytes per second the planner prices a transfer with; "measured": one copy
+    each way timed once per process on the graph's device (`analysis.cost.transfer_bandwidth`)."""
+    on_cpu: bool = False
+    """Plan a CPU graph as if the CPU were the device: the values offloaded go to a separate
+    CPU buffer (a plain copy) and come back, and the peak counts the CPU bytes freed while a
+    value is away. There is no separate host memory on a CPU, so this saves nothing; it is
+    there to test the mechanics and the accounting without a GPU."""
+
+
 class _RejectUnknownKeys(type):
     """Metaclass that turns an unknown keyword into an `OptionsError` listing the valid ones."""
 
@@ -146,6 +162,11 @@ class Options(metaclass=_RejectUnknownKeys):
     in its note), or the path of a JSON file holding one, to plan as that run did."""
     dump_dir: str | None = None
     """Directory for every graph before and after each pass, and the decisions."""
+    offload: bool | Mapping[str, Any] | OffloadOptions = False
+    """Offload saved values to host memory where the transfers hide under the compute between
+    their producer and their first backward reader (`planning.offload`): False, True (measured
+    bandwidth) or a dict of `OffloadOptions` fields; normalized to False or `OffloadOptions`.
+    A CUDA graph only, unless `on_cpu`."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -394,6 +415,29 @@ def _check_dump_dir(value: Any) -> str | None:
     raise OptionsError("dump_dir", f"got {value!r}; valid: None or a directory path")
 
 
+def _check_offload(value: Any) -> bool | OffloadOptions:
+    if value is False or isinstance(value, OffloadOptions):
+        return value
+    if value is True:
+        return OffloadOptions()
+    if not isinstance(value, Mapping):
+        raise OptionsError("offload", f"got {value!r}; valid: {_OFFLOAD_VALID}")
+    known = [f.name for f in fields(OffloadOptions)]
+    for key in value:
+        if key not in known:
+            raise OptionsError(f"offload.{key}", f"unknown key; valid keys: {', '.join(known)}")
+    bandwidth = value.get("bandwidth", "measured")
+    if bandwidth != "measured" and (isinstance(bandwidth, bool)
+                                    or not isinstance(bandwidth, (int, float))
+                                    or not 0 < bandwidth < math.inf):
+        raise OptionsError("offload.bandwidth", f"got {bandwidth!r}; valid: {_OFFLOAD_VALID}")
+    on_cpu = value.get("on_cpu", False)
+    if not isinstance(on_cpu, bool):
+        raise OptionsError("offload.on_cpu", f"got {on_cpu!r}; valid: {_OFFLOAD_VALID}")
+    return OffloadOptions(bandwidth=bandwidth if bandwidth == "measured" else float(bandwidth),
+                          on_cpu=on_cpu)
+
+
 _CHECKS = {
     "memory_budget": _check_budget,
     "cost_model": _check_cost_model,
@@ -403,4 +447,5 @@ _CHECKS = {
     "disable_passes": lambda v: _check_pass_names("disable_passes", v, allow_none=False),
     "runtime": _check_runtime,
     "dump_dir": _check_dump_dir,
+    "offload": _check_offload,
 }

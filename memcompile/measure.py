@@ -9,7 +9,8 @@ Three measures, each named in `Measurement.method`:
   the peak above what was live at the start. It sees every storage, Inductor's own buffers
   included, and does not change what Dynamo compiles.
 - "tracked": live tensor bytes seen at the dispatcher: the storages that ops return (views and
-  in-place results excluded, by the op's schema), until they are freed. The memory simulator
+  in-place results excluded, by the op's schema, and the host copies `memcompile::offload`
+  returns: device memory only), until they are freed. The memory simulator
   equals it to the byte in the eager runtime. Its dispatch mode declares
   `ignore_compile_internals`, so Dynamo still compiles under it (torch 2.13 otherwise skips the
   frame, and keeps skipping it afterwards).
@@ -77,6 +78,11 @@ def live_cpu_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+HOST_OUTPUT_OPS = ("memcompile::offload",)
+"""Ops whose outputs live in host memory (`runtime.offload`): the tracked measure counts the
+device's bytes, as the CUDA measure does, so it leaves them out."""
+
+
 class TrackedLiveBytes(TorchDispatchMode):
     """Counts bytes of storages returned by ops while they stay alive; keeps the peak."""
 
@@ -102,6 +108,8 @@ class TrackedLiveBytes(TorchDispatchMode):
                   if isinstance(t, torch.Tensor)}
         if isinstance(func, torch._ops.HigherOrderOperator):
             fresh = [out]
+        elif func._schema.name in HOST_OUTPUT_OPS:
+            fresh = []  # host memory, not the device's
         else:
             returns = func._schema.returns
             results = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]

@@ -19,7 +19,8 @@ UNMET = "memcompile.unmet"
 not do on this graph. The backend turns each into a `MemcompileWarning`."""
 
 REMAT = "memcompile.remat"
-"""node.meta key: "save" or "recompute", a rematerialization plan's tag on a forward value."""
+"""node.meta key: "save", "recompute" or "offload" (saved through host memory,
+`planning.offload`), a rematerialization plan's tag on a forward value."""
 JOINT = "memcompile.joint"
 """gm.meta key on a joint graph: {"num_fwd_outputs": int, "static_lifetime_input_indices": list},
 what the partition knows about the joint graph and passes need to tell forward from backward."""

@@ -202,3 +202,29 @@ def rounded(model: CostModel) -> CostModel:
         return model.seconds_per_byte * 2.0 ** round(math.log2(ratio))
     return CostModel(snap(model.seconds_per_op), model.seconds_per_byte,
                      snap(model.seconds_per_flop))
+
+
+def transfer_bandwidth(device: str) -> float:
+    """Host-device bytes per second on `device`, timed once per process: the slower direction
+    of a 64 MiB copy between pinned host memory and the device (on the CPU, a 64 MiB copy
+    between two buffers: `offload={"on_cpu": True}` moves values that way)."""
+    return _bandwidth(torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _bandwidth(kind: str) -> float:
+    nbytes = 1 << 26
+    with unset_fake_temporarily(), _disable_current_modes():
+        dev = torch.device(kind)
+        if kind == "cuda":
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            on_device = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+            seconds = _fastest([(lambda: on_device.copy_(host, non_blocking=True), 1),
+                                (lambda: host.copy_(on_device, non_blocking=True), 1)], dev)
+        else:
+            a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+            seconds = _fastest([(lambda: b.copy_(a), 1)], dev)
+    bandwidth = nbytes / max(seconds)
+    log.info("host-device bandwidth on %s: %.3g bytes/s (pin it with offload={'bandwidth': "
+             "%.3g})", kind, bandwidth, bandwidth)
+    return bandwidth

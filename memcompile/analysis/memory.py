@@ -13,7 +13,8 @@ runtime runs them, so its numbers equal the tracked peak of `memcompile.measure`
   outputs for mutated inputs, make the simulated peak an upper bound rather than exact); autograd
   allocates one tangent per output (`ones_like(loss)`) that lives to the end of the backward;
   the backward's gradients go to `.grad`, copied once when their strides break autograd's
-  layout contract with the parameter.
+  layout contract with the parameter;
+- a value in host memory (an offloaded copy, marked `HOST_VALUE`) holds no device bytes.
 
 Bytes are storage bytes (`nbytes` of the storage), in the sizes of the example inputs or of
 `sizes`, a binding of the graphs' size symbols to other values.
@@ -71,6 +72,16 @@ def _node_tensors(node: fx.Node) -> list[torch.Tensor]:
             "every node's FakeTensor metadata; a pass that adds nodes must set it"
         )
     return _tensors(node.meta["val"])
+
+
+HOST_VALUE = "memcompile.host"
+"""`node.meta` key, True on a node whose value lives in host memory (an offloaded value's copy,
+`runtime.offload`): it holds no device bytes, as the tracked measure does not count it."""
+
+
+def _device_tensors(node: fx.Node) -> list[torch.Tensor]:
+    """`_node_tensors`, less a host value's: the tensors that hold device memory."""
+    return [] if node.meta.get(HOST_VALUE) else _node_tensors(node)
 
 
 def _tensors(val: Any) -> list[torch.Tensor]:
@@ -196,17 +207,17 @@ def simulate_graph(
     frees = _last_users(gm)
     output = gm.graph.find_nodes(op="output")[0]
     for node in gm.graph.find_nodes(op="placeholder"):
-        live.hold(_node_tensors(node), external=node.name in external)
+        live.hold(_device_tensors(node), external=node.name in external)
     live.release(handover)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        live.hold(_node_tensors(node))
+        live.hold(_device_tensors(node))
         events.append(MemoryEvent(phase, node.name, live.live))
         for value in frees[node]:
-            live.release(_node_tensors(value))
+            live.release(_device_tensors(value))
     results = [
-        _node_tensors(a) if isinstance(a, fx.Node) else []
+        _device_tensors(a) if isinstance(a, fx.Node) else []
         for a in _output_args(output)
     ]
     for tensors in results:
@@ -216,7 +227,7 @@ def simulate_graph(
         returned = node in output.all_input_nodes  # the return is always the last use
         unused_input = node.op == "placeholder" and not node.users
         if returned or unused_input:
-            live.release(_node_tensors(node))
+            live.release(_device_tensors(node))
     return results
 
 

@@ -46,6 +46,9 @@ class Layout:
     """Forward nodes the backward runs again, in graph order."""
     forward_order: list[fx.Node]
     backward_order: list[fx.Node]
+    offloaded: frozenset[fx.Node] = frozenset()
+    """Saved values that go to host memory after their last forward reader and come back
+    right before their first backward reader (`planning.offload`); each owns its storage."""
 
 
 def layout(joint: JointGraph, evicted: Iterable[int]) -> Layout:
@@ -304,12 +307,15 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     fwd_outputs = [o for o in joint.fwd_outputs if isinstance(o, fx.Node)]
     returned = [*fwd_outputs, *plan.saved]
     fwd_returned = set(returned)
-    _run(forward_order, fwd_value, {}, fwd_returned, live, event, "forward", joint.inputs,
-         inlined(forward_order, fwd_returned), facts.kinds, joint.aliases)
-    handed_over = [fwd_value(v) for v in returned]
+    # An offloaded value dies on the device after its last forward reader (the offload op reads
+    # it there); the forward hands over its host copy, which holds no device bytes.
+    away = plan.offloaded
+    _run(forward_order, fwd_value, {}, fwd_returned - away, live, event, "forward",
+         joint.inputs, inlined(forward_order, fwd_returned), facts.kinds, joint.aliases)
+    handed_over = [() if v in away else fwd_value(v) for v in returned]
     for value in handed_over:
         live.hold(value)
-    for node in set(returned):
+    for node in set(returned) - away:
         live.release(fwd_value(node) if node.op != "placeholder" else ())
     saved_bytes = live.live
 
@@ -327,15 +333,18 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
     if fusion:
         for tangent in joint.tangents:
             live.release(bwd_value(tangent))
-    placeholders = {v: bwd_value(v) for v in [*plan.saved, *joint.tangents]}
+    placeholders = {v: () if v in away else bwd_value(v) for v in [*plan.saved, *joint.tangents]}
     for value in placeholders.values():
         live.hold(value)
     for value in handed_over[len(fwd_outputs):]:
         live.release(value)
     grads = list(joint.bwd_outputs)
     grad_nodes = {g for g in grads if isinstance(g, fx.Node)}
+    # The fetch makes a new device storage right before the value's first backward reader.
+    fetched = {v: facts.backward_values[v] for v in away}
     _run(backward_order, bwd_value, placeholders, grad_nodes, live, event, "backward",
-         joint.inputs, inlined(backward_order, grad_nodes), facts.kinds, joint.aliases)
+         joint.inputs, inlined(backward_order, grad_nodes), facts.kinds, joint.aliases,
+         fetched)
     grad_values = [bwd_value(g) if isinstance(g, fx.Node) else () for g in grads]
     for value in grad_values:
         live.hold(value)
@@ -356,7 +365,7 @@ def simulate_layout(joint: JointGraph, plan: Layout, *, fusion: bool = False,
 
 
 def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
-         inlined=None, node_kinds=None, alias_nodes=frozenset()) -> None:
+         inlined=None, node_kinds=None, alias_nodes=frozenset(), fetched=None) -> None:
     """One graph: hold each op's value, then drop what this op used for the last time.
 
     With `inlined` (Inductor's code: the set of values its kernels compute inline), such a value
@@ -367,6 +376,8 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
     of its size that dies in the kernel and that only the output's own ancestors in the kernel
     read besides it, as Inductor's in-place reuse does (a scatter: its first input only).
     `node_kinds`: `analysis.fusion.kinds` of the order's nodes; `alias_nodes`: the views.
+    `fetched`: placeholders held on the host, each with the device storages its fetch makes
+    right before the first op (or kernel) that reads it.
     """
     members = set(order)
     if inlined is not None and node_kinds is None:
@@ -382,6 +393,15 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
             frees.setdefault(user, []).append(value)
     values = dict(placeholders)
     hold, release, dies_at = live.hold, live.release, frees.get  # bound once: called per op
+    pending = dict(fetched or {})
+
+    def fetch(group: list[fx.Node]) -> None:
+        for node in group:
+            for inp in inputs[node]:
+                if inp in pending:
+                    values[inp] = pending.pop(inp)
+                    hold(values[inp])
+                    event(phase, f"fetch {inp.name}")
 
     def finish(group: list[fx.Node]) -> None:
         for node in group:
@@ -392,6 +412,8 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
 
     if inlined is None:
         for node in order:
+            if pending:
+                fetch([node])
             values[node] = value_of(node)
             hold(values[node])
             event(phase, node.name)
@@ -399,6 +421,8 @@ def _run(order, value_of, placeholders, returned, live, event, phase, inputs,
         return
 
     for group in _kernels(order, node_kinds, alias_nodes):
+        if pending:
+            fetch(group)
         for node in group:
             values[node] = (tuple(s for i in inputs[node] for s in values.get(i, ()))
                             if node in inlined else value_of(node))

@@ -6,10 +6,16 @@ saved set the tags imply, then puts both graphs in the order the plan was simula
 (`memcompile.analysis.schedule.layout`): recomputation right before its first use in the
 backward, segment by segment, and each getitem right after its tuple. Torch's own reordering
 would pull every recomputed op to the start of the backward and undo the plan's peak.
+
+A value tagged "offload" (`planning.offload`) is saved through host memory: the forward copies
+it to the host right after its last reader there (`memcompile::offload`) and returns the copy;
+the backward copies it back right before its first reader (`memcompile::fetch`). Both copies
+are marked `analysis.memory.HOST_VALUE`: they hold no device bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -18,6 +24,7 @@ from torch._functorch.partitioners import _extract_fwd_bwd_modules, is_sym_node
 from torch.utils._ordered_set import OrderedSet
 
 from memcompile.analysis.joint import JointGraph
+from memcompile.analysis.memory import HOST_VALUE
 from memcompile.analysis.schedule import Layout, layout
 from memcompile.meta import REMAT
 
@@ -33,7 +40,8 @@ def tagged_layout(joint: JointGraph) -> Layout:
     """The layout the tags describe: every group with a node tagged "recompute" is recomputed."""
     evicted = {joint.group_of[n] for n in joint.gm.graph.nodes
                if n.meta.get(REMAT) == "recompute" and n in joint.group_of}
-    return layout(joint, evicted)
+    offloaded = frozenset(n for n in joint.gm.graph.nodes if n.meta.get(REMAT) == "offload")
+    return dataclasses.replace(layout(joint, evicted), offloaded=offloaded)
 
 
 def split_by_remat_tags(
@@ -56,7 +64,38 @@ def split_by_remat_tags(
     )
     _reorder(fw, [n.name for n in plan.forward_order])
     _reorder(bw, [n.name for n in plan.backward_order])
+    if plan.offloaded:
+        _insert_transfers(fw, bw, sorted(n.name for n in plan.offloaded))
     return fw, bw, plan
+
+
+def _insert_transfers(fw: fx.GraphModule, bw: fx.GraphModule, names: list[str]) -> None:
+    """Put an offload after each named value's last forward reader, its copy in the forward's
+    returns, and a fetch before its first backward reader (the placeholder of that name)."""
+    # The ops are registered where they run; importing them here registers them for the graph.
+    from memcompile.runtime.offload import FETCH, OFFLOAD
+    fw_nodes, bw_nodes = {n.name: n for n in fw.graph.nodes}, {n.name: n for n in bw.graph.nodes}
+    fw_order = {n: i for i, n in enumerate(fw.graph.nodes)}
+    bw_order = {n: i for i, n in enumerate(bw.graph.nodes)}
+    output = fw.graph.find_nodes(op="output")[0]
+    for name in names:
+        value, saved = fw_nodes[name], bw_nodes[name]
+        val = value.meta["val"]
+        with val.fake_mode:
+            host_val = OFFLOAD(val)
+        readers = [u for u in value.users if u is not output]
+        with fw.graph.inserting_after(max(readers, key=fw_order.__getitem__, default=value)):
+            host = fw.graph.call_function(OFFLOAD, (value,))
+        host.meta.update(val=host_val, **{HOST_VALUE: True})
+        output.replace_input_with(value, host)
+        with bw.graph.inserting_before(min(saved.users, key=bw_order.__getitem__)):
+            fetched = bw.graph.call_function(FETCH, (saved, val.device))
+        fetched.meta["val"] = saved.meta["val"]
+        saved.replace_all_uses_with(fetched, delete_user_cb=lambda user: user is not fetched)
+        saved.meta.update(val=host_val, **{HOST_VALUE: True})
+    for gm in (fw, bw):
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _reorder(gm: fx.GraphModule, names: list[str]) -> None:
