@@ -150,9 +150,16 @@ def _stream_program(gm: fx.GraphModule, inputs: Sequence[Any], options: Options,
                              f"backward ({len(chain)} ops from {', '.join(reads)}) instead of "
                              "held"))
     record.decisions = list(forward.meta.get(DECISIONS, []))
+    unmet = list(forward.meta.get(UNMET, []))
+    if options.offload:
+        reason = ("the graph streams (StreamBP), whose runtime holds only layer inputs and "
+                  "moves nothing to the host; offload applies to the remat plan's saved values "
+                  "(stream=False)")
+        record.notes.append(("offload", f"not applied: {reason}"))
+        unmet.append(("offload", reason))
     if options.dump_dir:
         record.dump(options.dump_dir)
-    warn_unmet(record, forward.meta.get(UNMET, []))
+    warn_unmet(record, unmet)
     return program
 
 

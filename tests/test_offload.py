@@ -151,6 +151,20 @@ def test_a_cpu_graph_has_no_host_memory_to_offload_to():
     assert "memcompile.offload" not in record.forward_code
 
 
+def test_a_streamed_graph_says_offload_does_not_apply():
+    """StreamBP's runtime holds only layer inputs and offloads nothing: asked for both, the
+    graph streams and a warning says offload did not apply, and why."""
+    model = build_model("tiny", dtype=torch.float32)
+    batch = make_batch("tiny", seq_len=64)
+    torch._dynamo.reset()
+    step = torch.compile(lambda b: model(**b).loss, backend="memcompile", options={
+        "runtime": "eager", "stream": {"chunk_size": 16}, "offload": ON_CPU})
+    with recording() as records, pytest.warns(
+            MemcompileWarning, match="offload not applied: the graph streams"):
+        step(batch).backward()
+    assert [r.kind for r in records] == ["stream"]
+
+
 def test_one_side_stream_runs_transfers_one_at_a_time():
     """Two values whose windows overlap must fit their four transfers in each window."""
     node = object()
