@@ -11,6 +11,7 @@ Modes, each in its own process (no compiled code or allocator state shared):
   Python (`ChunkRunner.run`'s loop).
 - `compiled`: StreamBP with the default runtime (Inductor): chunk bodies run as compiled
   segments (`runtime.stream_compiled`).
+- `loop:N`, `compiled:N`: the same with chunks of N tokens instead of `chunk_size="auto"`.
 
 Each prints one JSON line: the first step's seconds (compiles included), the median of
 `--repeat` steps (wall, and the process's CPU seconds: on a shared machine the second moves less
@@ -42,7 +43,10 @@ def _step_fn(mode: str, seq_len: int):
         model.enable_gradient_checkpointing()
         call = lambda: model(**batch).loss  # noqa: E731
     else:
-        options = {"stream": True, "runtime": "eager" if mode == "loop" else "inductor"}
+        # "compiled:2048": chunks of 2,048 tokens instead of chunk_size="auto".
+        base, _, chunk = mode.partition(":")
+        stream = {"chunk_size": int(chunk)} if chunk else True
+        options = {"stream": stream, "runtime": "eager" if base == "loop" else "inductor"}
         loss = torch.compile(lambda b: model(**b).loss, backend="memcompile", options=options)
         call = lambda: loss(batch)  # noqa: E731
 
