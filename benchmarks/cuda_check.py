@@ -9,7 +9,9 @@ max(1.5 × eager's own error in the same dtype, 1e-6)):
    grouped heads), memory-efficient (float32, equal heads), plain ops (float64, grouped heads).
 2. `model`: one training step of a `wide`-shaped model with 4 layers at 4,096 tokens, streamed
    in chunks of 1,024 with 2 layer inputs held, against eager, in bfloat16 (flash attention,
-   grouped heads) and in float32 with equal head counts (memory-efficient attention).
+   grouped heads) and in float32 with equal head counts (memory-efficient attention), chunk
+   bodies run op by op (`runtime="eager"`); and in bfloat16 with compiled chunk bodies
+   (`runtime="inductor"`).
 
     python benchmarks/cuda_check.py
 
@@ -89,7 +91,8 @@ def _grads(model: torch.nn.Module, step, batch) -> dict[str, torch.Tensor]:
 def check_model() -> bool:
     """One streamed training step against eager, per dtype, against a float64 reference."""
     ok = True
-    for dtype, kv_heads in ((torch.bfloat16, 4), (torch.float32, 16)):
+    for dtype, kv_heads, runtime in ((torch.bfloat16, 4, "eager"), (torch.float32, 16, "eager"),
+                                     (torch.bfloat16, 4, "inductor")):
         config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816,
                              num_layers=4, num_heads=16, num_kv_heads=kv_heads)
         batch = make_batch(config, seq_len=4096, device="cuda")
@@ -99,7 +102,7 @@ def check_model() -> bool:
         model.load_state_dict({k: v.to(dtype) for k, v in reference.state_dict().items()})
         eager = _grads(model, lambda **b: model(**b).loss, batch)
         torch._dynamo.reset()
-        options = {"runtime": "eager", "stream": {"chunk_size": 1024, "checkpoints": 2}}
+        options = {"runtime": runtime, "stream": {"chunk_size": 1024, "checkpoints": 2}}
         with memcompile.report.recording() as records:
             compiled = torch.compile(lambda **b: model(**b).loss, backend="memcompile",
                                      options=options)
@@ -112,6 +115,7 @@ def check_model() -> bool:
         passed = streamed and _judge(worst, eager_worst)
         ok &= passed
         print(json.dumps({"check": "model", "dtype": str(dtype), "kv_heads": kv_heads,
+                          "runtime": runtime,
                           "ours": worst, "eager": eager_worst, "passed": passed,
                           "streamed": streamed, "notes": notes[:8]}), flush=True)
     return ok

@@ -25,7 +25,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
     | tee "$OUT/versions.txt"
 
 if [ "$DEVICE" = cuda ]; then
-    timeout 120 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
+    timeout 180 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "cuda_check failed: no timing of wrong gradients"; exit 1; }
 fi
 
@@ -35,9 +35,9 @@ fi
 OUT=$(realpath "$OUT") ROOT=$(pwd) RUN=$(mktemp -d)
 BENCH="python3 -m memcompile.cli bench --model $MODEL --device $DEVICE --dtype $DTYPE --seq-lens $LENS --repeat 2"
 # One job at a time: the modes time the same GPU. Timeouts keep the whole under 10 minutes.
-(cd "$RUN" && timeout 190 $BENCH --modes checkpoint,stream,stream_c2 \
+(cd "$RUN" && timeout 170 $BENCH --modes checkpoint,stream,stream_c2 \
     --options '{"runtime": "eager", "stream": {"chunk_size": 1024}}' \
-    --jobs 1 --timeout 180 --out "$OUT/old")
+    --jobs 1 --timeout 160 --out "$OUT/old")
 (cd "$RUN" && timeout 230 $BENCH --modes stream,stream_c2 --jobs 1 --timeout 220 --out "$OUT/new")
 
 python3 - "$OUT" <<'PY' | tee "$OUT/speed.md"
@@ -65,7 +65,7 @@ for run, r in rows:
 PY
 
 # The device tool gives one command at most 10 minutes: offload runs only if time is left.
-if [ "$SECONDS" -gt 380 ]; then
+if [ "$SECONDS" -gt 360 ]; then
     echo "offload skipped: ${SECONDS}s used; run it alone: python3 benchmarks/offload_cuda.py --seq-len 32768"
 elif [ -f benchmarks/offload_cuda.py ] && [ "$DEVICE" = cuda ]; then
     (cd "$RUN" && timeout 200 python3 "$ROOT/benchmarks/offload_cuda.py" --seq-len 32768) \
