@@ -282,7 +282,7 @@ def _check_cost_model(value: Any) -> str | dict[str, float]:
         raise OptionsError("cost_model", f"keys {sorted(value)}; valid: {_COST_MODEL_VALID}")
     for key in _COST_MODEL_KEYS:
         v = value[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        if not _is_positive_number(v):
             raise OptionsError(f"cost_model.{key}", f"got {v!r}; valid: {_COST_MODEL_VALID}")
     return {key: float(value[key]) for key in _COST_MODEL_KEYS}
 
@@ -293,14 +293,36 @@ def _check_chunk(key: str, value: Any) -> int | str:
     raise OptionsError(f"stream.{key}", f"got {value!r}; valid: a positive int of tokens or 'auto'")
 
 
+def _is_positive_number(value: Any) -> bool:
+    """A finite number above 0, int or float (a bool is neither)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and 0 < value < math.inf)
+
+
+def _reject_unknown_keys(option: str, value: Mapping, known: Sequence[str]) -> None:
+    for key in value:
+        if key not in known:
+            raise OptionsError(f"{option}.{key}", f"unknown key; valid keys: {', '.join(known)}")
+
+
+def _switch_or_dict(option: str, value: Any, cls: type, known: Sequence[str], valid: str) -> Any:
+    """An option that is `False`, `True` (`cls()`), a `cls`, or a dict of `cls`'s fields: the
+    normalized value, or the dict (its keys checked) for the caller to check field by field."""
+    if value is False or isinstance(value, cls):
+        return value
+    if value is True:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise OptionsError(option, f"got {value!r}; valid: {valid}")
+    _reject_unknown_keys(option, value, known)
+    return value
+
+
 def _check_stream(value: Any) -> bool | str | StreamOptions:
     if isinstance(value, (StreamOptions, bool)) or (isinstance(value, str) and value == "auto"):
         return value
     if isinstance(value, Mapping):
-        known = [f.name for f in fields(StreamOptions)]
-        for key in value:
-            if key not in known:
-                raise OptionsError(f"stream.{key}", f"unknown key; valid keys: {', '.join(known)}")
+        _reject_unknown_keys("stream", value, [f.name for f in fields(StreamOptions)])
         dim = value.get("dim", "sequence")
         if dim not in STREAM_DIMS:
             raise OptionsError("stream.dim", f"got {dim!r}; valid: {', '.join(STREAM_DIMS)}")
@@ -342,17 +364,10 @@ def _check_keys_values(value: Any) -> str:
 
 
 def _check_sequence_parallel(value: Any) -> bool | SequenceParallelOptions:
-    if value is False or isinstance(value, SequenceParallelOptions):
-        return value
-    if value is True:
-        return SequenceParallelOptions()
+    value = _switch_or_dict("sequence_parallel", value, SequenceParallelOptions, SP_KEYS,
+                            f"False, True, or a dict with keys {', '.join(SP_KEYS)}")
     if not isinstance(value, Mapping):
-        raise OptionsError("sequence_parallel", f"got {value!r}; valid: False, True, or a dict "
-                           f"with keys {', '.join(SP_KEYS)}")
-    for key in value:
-        if key not in SP_KEYS:
-            raise OptionsError(f"sequence_parallel.{key}",
-                               f"unknown key; valid keys: {', '.join(SP_KEYS)}")
+        return value
     layout = value.get("layout")
     if layout is not None and layout not in SP_LAYOUTS:
         raise OptionsError("sequence_parallel.layout",
@@ -369,8 +384,7 @@ def _check_sequence_parallel(value: Any) -> bool | SequenceParallelOptions:
                                f"is {layout!r}: give one of them")
         layout = SP_SCHEDULES[schedule]
     timeout = value.get("timeout", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not 0 < timeout < math.inf:
+    if not _is_positive_number(timeout):
         raise OptionsError("sequence_parallel.timeout",
                            f"got {timeout!r}; valid: a positive number of seconds")
     group = value.get("group")
@@ -416,20 +430,12 @@ def _check_dump_dir(value: Any) -> str | None:
 
 
 def _check_offload(value: Any) -> bool | OffloadOptions:
-    if value is False or isinstance(value, OffloadOptions):
-        return value
-    if value is True:
-        return OffloadOptions()
+    value = _switch_or_dict("offload", value, OffloadOptions,
+                            [f.name for f in fields(OffloadOptions)], _OFFLOAD_VALID)
     if not isinstance(value, Mapping):
-        raise OptionsError("offload", f"got {value!r}; valid: {_OFFLOAD_VALID}")
-    known = [f.name for f in fields(OffloadOptions)]
-    for key in value:
-        if key not in known:
-            raise OptionsError(f"offload.{key}", f"unknown key; valid keys: {', '.join(known)}")
+        return value
     bandwidth = value.get("bandwidth", "measured")
-    if bandwidth != "measured" and (isinstance(bandwidth, bool)
-                                    or not isinstance(bandwidth, (int, float))
-                                    or not 0 < bandwidth < math.inf):
+    if bandwidth != "measured" and not _is_positive_number(bandwidth):
         raise OptionsError("offload.bandwidth", f"got {bandwidth!r}; valid: {_OFFLOAD_VALID}")
     on_cpu = value.get("on_cpu", False)
     if not isinstance(on_cpu, bool):

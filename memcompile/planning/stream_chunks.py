@@ -71,7 +71,8 @@ def choose_chunks(plan: Any, parameters: list[torch.Tensor], budget: Any,
         return estimate(plan, parameters)
 
     choice = size_chunks(memory_at, length, budget, checkpoints)
-    memory_at(choice.chunk)
+    for region in plan.layers:
+        region.chunk_size = choice.chunk
     return choice
 
 
