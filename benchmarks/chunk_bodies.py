@@ -12,6 +12,8 @@ Modes, each in its own process (no compiled code or allocator state shared):
 - `compiled`: StreamBP with the default runtime (Inductor): chunk bodies run as compiled
   segments (`runtime.stream_compiled`).
 - `loop:N`, `compiled:N`: the same with chunks of N tokens instead of `chunk_size="auto"`.
+- `compiled+keep`, `compiled+keep:N`: the same with `keep_attention` (attention outputs kept
+  from the forward pass; the backward skips the attention forward).
 
 Each prints one JSON line: the first step's seconds (compiles included), the median of
 `--repeat` steps (wall, and the process's CPU seconds: on a shared machine the second moves less
@@ -43,9 +45,11 @@ def _step_fn(mode: str, seq_len: int):
         model.enable_gradient_checkpointing()
         call = lambda: model(**batch).loss  # noqa: E731
     else:
-        # "compiled:2048": chunks of 2,048 tokens instead of chunk_size="auto".
+        # "compiled+keep:2048": chunks of 2,048 tokens instead of chunk_size="auto", and
+        # attention outputs kept.
         base, _, chunk = mode.partition(":")
-        stream = {"chunk_size": int(chunk)} if chunk else True
+        base, _, keep = base.partition("+")
+        stream = {"chunk_size": int(chunk) if chunk else "auto", "keep_attention": keep == "keep"}
         options = {"stream": stream, "runtime": "eager" if base == "loop" else "inductor"}
         loss = torch.compile(lambda b: model(**b).loss, backend="memcompile", options=options)
         call = lambda: loss(batch)  # noqa: E731

@@ -80,6 +80,12 @@ class StreamOptions:
     """How a layer's backward gets attention's keys and values: "once" computes them over the
     whole length and sums their gradients across chunks; "per_chunk" recomputes them over each
     chunk's prefix (no whole-length key/value buffers, more recompute)."""
+    keep_attention: bool = False
+    """Keep each held layer's attention output and log-sum-exp from the forward pass, so its
+    backward chunks skip the attention forward (about a third of attention's work, most of a
+    layer's at long lengths) for one more hidden state per held layer
+    (`runtime.kept_attention`). Needs keys_values "once" and causal attention on a fused
+    kernel; elsewhere a warning says why it is not applied."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -336,10 +342,13 @@ def _check_stream(value: Any) -> bool | str | StreamOptions:
             layers_per_checkpoint=_check_positive("layers_per_checkpoint",
                                                   value.get("layers_per_checkpoint", 1)),
             checkpoints=_check_checkpoints(value.get("checkpoints", "auto")),
+            keep_attention=_check_switch("stream.keep_attention",
+                                         value.get("keep_attention", False)),
         )
     raise OptionsError(
         "stream", f"got {value!r}; valid: 'auto', True, False, or a dict with keys "
-        "chunk_size, logits_chunk_size, dim, keys_values, layers_per_checkpoint, checkpoints"
+        "chunk_size, logits_chunk_size, dim, keys_values, layers_per_checkpoint, checkpoints, "
+        "keep_attention"
     )
 
 
@@ -354,6 +363,12 @@ def _check_positive(key: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     raise OptionsError(f"stream.{key}", f"got {value!r}; valid: a positive int")
+
+
+def _check_switch(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise OptionsError(key, f"got {value!r}; valid: True or False")
 
 
 def _check_keys_values(value: Any) -> str:

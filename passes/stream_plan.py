@@ -37,11 +37,15 @@ import torch
 import torch.fx as fx
 
 from memcompile.analysis.attention import SEQUENCE_ATTENTION_OPS, is_causal
+from memcompile.analysis.attention import dropout as attention_dropout
 from memcompile.analysis.attention import mask as attention_mask
+from memcompile.analysis.eager_attention import EAGER_ATTENTION
+from memcompile.analysis.masks import DOCUMENT_MASK
 from memcompile.analysis.sequence import (SeqDim, SequenceInfo, analyze_sequence,
                                           fresh_cache_update)
 from memcompile.config import Options, StreamOptions
-from memcompile.meta import STREAM_PLAN, Decision, record_decision, record_note
+from memcompile.distributed.ops import SP_ATTENTION
+from memcompile.meta import STREAM_PLAN, Decision, record_decision, record_note, record_unmet
 from memcompile.passes.registry import register_pass
 from memcompile.planning.stream_chunks import MIN_AUTO_CHUNK, choose_chunks
 from memcompile.planning.stream_memory import checkpoints_for, estimate
@@ -84,6 +88,9 @@ class Region:
     over chunks) or "per_chunk" (each chunk recomputes them over its prefix)."""
     prefix: set[fx.Node] = field(default_factory=set)
     """Nodes a chunk needs from the sequence's start (keys and values of attention)."""
+    keep_attention: bool = False
+    """Layer only: its attention outputs are kept from the forward pass for its backward
+    (`StreamOptions.keep_attention`, `runtime.kept_attention`)."""
     reductions: list[fx.Node] = field(default_factory=list)
     """Head only: the nodes that reduce over the sequence."""
     tail: set[fx.Node] = field(default_factory=set)
@@ -467,6 +474,7 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
     plan = StreamPlan(info, activations, [], layers_per_checkpoint=stream.layers_per_checkpoint)
     _note_returned_cache(gm, info, plan)
     chunk = _chunk(stream.chunk_size, MIN_AUTO_CHUNK)  # "auto": sized in `_hold`
+    not_kept: list[str] = []
     for start, stop in _find_layers(nodes, cuts, attentions, end, plan):
         region = _region("layer", nodes, start, stop, activations, [nodes[stop]])
         problem = _layer_problem(region, info, activations)
@@ -476,6 +484,11 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
         region.chunk_size = chunk
         region.keys_values = stream.keys_values
         region.prefix = _prefix_nodes(region, activations)
+        if stream.keep_attention:
+            unkept = _why_attention_not_kept(region)
+            region.keep_attention = unkept is None
+            if unkept and unkept not in not_kept:
+                not_kept.append(unkept)
         plan.regions.append(region)
     last = max((nodes.index(r.outputs[0]) for r in plan.layers), default=None)
     if last is not None:
@@ -484,9 +497,35 @@ def plan_stream(gm: fx.GraphModule, example_inputs: list[Any], options: Options)
         record_note(gm, STREAM_PASS, "nothing to chunk: " + "; ".join(plan.notes or [
             "no attention over the sequence was found"]))
         return None
+    for reason in not_kept:
+        record_unmet(gm, STREAM_PASS, f"keep_attention: {reason}")
     _hold(gm, plan, example_inputs, options)
     _record(gm, plan)
     return plan
+
+
+def _why_attention_not_kept(region: Region) -> str | None:
+    """Why `region`'s attention outputs cannot be kept for its backward (None: they can). The
+    backward replays them on `chunk_attention`'s prefix path: keys and values computed once,
+    causal attention on a fused kernel with no mask over queries and no dropout."""
+    if region.keys_values != "once":
+        return ("keys_values 'per_chunk' recomputes each chunk's keys over its prefix; only "
+                "keys_values 'once' keeps attention outputs")
+    for node in region.nodes:
+        if node.target not in SEQUENCE_ATTENTION_OPS:
+            continue
+        if node.target is SP_ATTENTION:
+            return ("attention across ranks (sequence_parallel) merges every rank's keys; its "
+                    "outputs are recomputed")
+        if node.target is EAGER_ATTENTION:
+            return (f"{node.name} is transformers' eager attention, which has no fused "
+                    "backward to replay; use attn_implementation='sdpa'")
+        if not is_causal(node) or attention_dropout(node):
+            return f"{node.name} is not causal attention without dropout"
+        mask = attention_mask(node)
+        if isinstance(mask, fx.Node) and mask.target is DOCUMENT_MASK:
+            return f"{node.name} has a document mask, whose chunks are recomputed"
+    return None
 
 
 def _note_returned_cache(gm: fx.GraphModule, info: SequenceInfo, plan: StreamPlan) -> None:

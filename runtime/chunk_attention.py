@@ -53,53 +53,105 @@ class PrefixCausalAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float | None, sinks: tuple[torch.Tensor, torch.Tensor] | None,
                 op: Any, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = k.shape[2]
-        prefix = keys - q.shape[2]
-        out = lse = diagonal_state = None
-        # The diagonal first, then the prefix's blocks: with one prefix block, the merge is
-        # the two-call merge in that order.
-        for a, b, causal in _key_blocks(prefix, keys, key_block(q, k, op, backward=False)):
-            block_out, block_lse, state = attend(q, k[:, :, a:b], v[:, :, a:b], causal, scale,
-                                                 op, _columns(mask, a, b))
-            block_lse = _unseen_to_minus_infinity(block_lse, _columns(mask, a, b), causal)
-            if out is None:
-                out, lse, diagonal_state = block_out, block_lse, state
-            else:
-                out, lse, finite = _merge(out, lse, block_out, block_lse)
-        if mask is not None and not prefix:
-            out, lse, finite = _merge(out, lse, None, None)
-        if mask is not None or prefix:
-            # A row that sees no key: output 0 (the merge gives it), log-sum-exp 0.
-            out, lse = out.to(q.dtype), finite
+        out, lse, state = prefix_causal_forward(q, k, v, scale, op, mask)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, diagonal_state, op
+        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, state, op
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
         q, k, v, out, lse, mask = ctx.saved_tensors
-        queries, keys = q.shape[2], k.shape[2]
-        grad_out = grad_out.contiguous()
-        # Sums over blocks stay in float32 for half-precision tensors, as in one kernel call.
-        wide = accumulation_dtype(q.dtype)
-        grad_k, grad_v = ctx.sinks or (torch.zeros_like(k, dtype=wide),
-                                       torch.zeros_like(v, dtype=wide))
-        grad_q = None
-        # With the merged output and log-sum-exp, the kernel's backward over a block of keys
-        # gives that block's exact share: the softmax's normalizer is the merged one.
-        for a, b, causal in _key_blocks(keys - queries, keys,
-                                        key_block(q, k, ctx.op, backward=True)):
-            dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
-                                         causal, ctx.scale, ctx.state, ctx.op,
-                                         _columns(mask, a, b))
-            grad_q = dq.to(wide) if grad_q is None else grad_q.add_(dq)
-            grad_k[:, :, a:b].add_(dk)
-            grad_v[:, :, a:b].add_(dv)
-        grad_q = grad_q.to(q.dtype)
-        if ctx.sinks is not None:
-            return grad_q, None, None, None, None, None, None
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+        grad_q, grad_k, grad_v = prefix_causal_backward(grad_out, q, k, v, out, lse, mask,
+                                                        ctx.scale, ctx.sinks, ctx.state, ctx.op)
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+class KeptCausalAttention(torch.autograd.Function):
+    """`PrefixCausalAttention` whose output and log-sum-exp were computed before (a layer's
+    forward pass kept them, `runtime.kept_attention`): the forward returns them, the backward
+    is `PrefixCausalAttention`'s. The kernels are deterministic, so they are the values a
+    recompute would give, and the attention forward is not run again.
+
+    `kept` is `(out, lse, state)`, passed as one argument so that autograd does not take the
+    kept tensors for inputs: no gradient flows to them."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kept: tuple[torch.Tensor, torch.Tensor, Any], scale: float | None,
+                sinks: tuple[torch.Tensor, torch.Tensor] | None, op: Any,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse, state = kept
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.out, ctx.lse = out, lse
+        ctx.scale, ctx.sinks, ctx.state, ctx.op = scale, sinks, state, op
+        # Fresh tensor objects over the kept storage: autograd attaches this node to them.
+        out, lse = out.detach(), lse.detach()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+        q, k, v, mask = ctx.saved_tensors
+        grad_q, grad_k, grad_v = prefix_causal_backward(grad_out, q, k, v, ctx.out, ctx.lse,
+                                                        mask, ctx.scale, ctx.sinks, ctx.state,
+                                                        ctx.op)
+        ctx.out = ctx.lse = None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def prefix_causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float | None, op: Any, mask: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """`PrefixCausalAttention`'s forward without autograd: `(out, lse, state)`, where `lse` is
+    what its backward reads (0 for a query that sees no key) and `state` the diagonal call's
+    (`attention_kernels.attend`)."""
+    keys = k.shape[2]
+    prefix = keys - q.shape[2]
+    out = lse = diagonal_state = None
+    # The diagonal first, then the prefix's blocks: with one prefix block, the merge is
+    # the two-call merge in that order.
+    for a, b, causal in _key_blocks(prefix, keys, key_block(q, k, op, backward=False)):
+        block_out, block_lse, state = attend(q, k[:, :, a:b], v[:, :, a:b], causal, scale,
+                                             op, _columns(mask, a, b))
+        block_lse = _unseen_to_minus_infinity(block_lse, _columns(mask, a, b), causal)
+        if out is None:
+            out, lse, diagonal_state = block_out, block_lse, state
+        else:
+            out, lse, finite = _merge(out, lse, block_out, block_lse)
+    if mask is not None and not prefix:
+        out, lse, finite = _merge(out, lse, None, None)
+    if mask is not None or prefix:
+        # A row that sees no key: output 0 (the merge gives it), log-sum-exp 0.
+        out, lse = out.to(q.dtype), finite
+    return out, lse, diagonal_state
+
+
+def prefix_causal_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           mask: torch.Tensor | None, scale: float | None,
+                           sinks: tuple[torch.Tensor, torch.Tensor] | None, state: Any,
+                           op: Any) -> tuple[torch.Tensor, Any, Any]:
+    """Gradients of queries, keys and values of `PrefixCausalAttention` given its output and
+    log-sum-exp; with `sinks`, the keys' and values' are added into them and None returned."""
+    queries, keys = q.shape[2], k.shape[2]
+    grad_out = grad_out.contiguous()
+    # Sums over blocks stay in float32 for half-precision tensors, as in one kernel call.
+    wide = accumulation_dtype(q.dtype)
+    grad_k, grad_v = sinks or (torch.zeros_like(k, dtype=wide), torch.zeros_like(v, dtype=wide))
+    grad_q = None
+    # With the merged output and log-sum-exp, the kernel's backward over a block of keys
+    # gives that block's exact share: the softmax's normalizer is the merged one.
+    for a, b, causal in _key_blocks(keys - queries, keys, key_block(q, k, op, backward=True)):
+        dq, dk, dv = attend_backward(grad_out, q, k[:, :, a:b], v[:, :, a:b], out, lse,
+                                     causal, scale, state, op, _columns(mask, a, b))
+        grad_q = dq.to(wide) if grad_q is None else grad_q.add_(dq)
+        grad_k[:, :, a:b].add_(dk)
+        grad_v[:, :, a:b].add_(dv)
+    grad_q = grad_q.to(q.dtype)
+    if sinks is not None:
+        return grad_q, None, None
+    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
 def _columns(mask: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
@@ -206,13 +258,18 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel of the captured attention op `op` (`attention_kernels.kernel_kind`), under an
     additive `mask` over keys alone if given; with `sinks`, the keys' and values' gradients
     are added into them (`PrefixCausalAttention`)."""
+    check_key_mask(mask)
+    if k.shape[2] == q.shape[2] and sinks is None and mask is None:
+        return attend(q, k, v, True, scale, op)[:2]
+    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)
+
+
+def check_key_mask(mask: torch.Tensor | None) -> None:
+    """Raise unless `mask` is None or an additive mask over keys alone, `(B|1, H|1, 1, keys)`."""
     if mask is not None and (mask.dim() != 4 or mask.shape[-2] != 1):
         raise ValueError(f"prefix_causal_attention: mask {tuple(mask.shape)} must be over keys "
                          "alone, (B|1, H|1, 1, keys); a mask over queries and keys is sliced "
                          "by the caller instead")
-    if k.shape[2] == q.shape[2] and sinks is None and mask is None:
-        return attend(q, k, v, True, scale, op)[:2]
-    return PrefixCausalAttention.apply(q, k, v, scale, sinks, op, mask)
 
 
 def prefix_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -100,6 +100,9 @@ class ChunkRunner:
         self.bodies: Any = None
         """Compiled chunk bodies (`stream_compiled.CompiledBodies`) that `run` hands its work
         to; None runs the nodes one by one in Python (the eager runtime, the reference)."""
+        self.kept: Any = None
+        """While a layer pass keeps (or reads back) its attention outputs
+        (`kept_attention.KeptAttention`, set by `stream_layers`): where causal attention goes."""
 
     def start_of(self, node: fx.Node, start: int, prefix_from_zero: bool = True) -> int:
         """Where the range of `node` begins for a chunk beginning at `start` (with
@@ -276,15 +279,20 @@ class ChunkRunner:
         mask = attention.call_mask(node.target, args, kwargs)
         if isinstance(mask, DocumentIds):
             return self._document_attention(node, args, kwargs, mask, first, end, sinks)
-        if not attention.is_causal(node) or first == 0:
+        causal = attention.is_causal(node)
+        if not causal or (first == 0 and self.kept is None):
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
         k_node, v_node = node.args[1:3]
         pair = (sinks[k_node], sinks[v_node]) if (
             sinks and k_node in sinks and v_node in sinks) else None
         key_mask = attention.call_mask(node.target, args, kwargs)
-        out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair, node.target,
-                                           key_mask)
+        if self.kept is not None:
+            out, lse = self.kept.attend(node, q, k, v, first, end, kwargs.get("scale"), pair,
+                                        node.target, key_mask)
+        else:
+            out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair,
+                                               node.target, key_mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
 
     def _eager_attention(self, args: tuple, kwargs: dict, first: int, end: int) -> Any:

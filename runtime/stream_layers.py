@@ -4,7 +4,9 @@ its backward re-runs each layer in sequence chunks. Keys and values are computed
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from memcompile.analysis.eager_attention import EAGER_ATTENTION
 from memcompile.planning.stream_schedule import Reversal
 from memcompile.runtime.attention_kernels import accumulation_dtype
 from memcompile.runtime.document_mask import DocumentIds
+from memcompile.runtime.kept_attention import KeptAttention
 from memcompile.runtime.stream import ChunkRunner, mask_is_causal, narrow_seq, write_rows
 from memcompile.runtime.stream_accumulate import deliver_complete
 from memcompile.runtime.stream_fused import RegionUpdates, update_complete
@@ -36,7 +39,9 @@ class StreamLayers(torch.autograd.Function):
     The forward runs each layer chunk by chunk without autograd. The backward walks
     `reversal`: it re-runs the forward of layers whose input was not kept (holding no more
     inputs at once than the reversal allows), and re-runs each layer, last first, chunk by chunk
-    with autograd, summing the chunks' gradients. `side` holds every layer's side inputs, in
+    with autograd, summing the chunks' gradients. A layer whose input the forward keeps also
+    keeps its attention outputs when its region asks (`region.keep_attention`,
+    `kept_attention`): its backward chunks then skip the attention forward. `side` holds every layer's side inputs, in
     `group_side(runners)`'s order. `updates[i]`: the weights only layer `i` reads, updated by
     their optimizer as soon as that layer's backward is done (`stream_fused`); the run returns
     no gradient for them. `own[i]`: the weights only layer `i` reads, whose gradients reach
@@ -52,12 +57,15 @@ class StreamLayers(torch.autograd.Function):
         kept = set(reversal.kept_in_forward())
         # Kept inputs live on ctx, not in save_for_backward: the backward drops each as soon as
         # its part of the reversal is done, instead of at the end of the whole run.
-        ctx.states, ctx.chunks = {}, []
+        ctx.states, ctx.chunks, ctx.kept = {}, [], {}
         h = x
         for i, runner in enumerate(runners):
+            attention = None
             if i in kept:
                 ctx.states[i] = rebuild if i == reversal.start and rebuild is not None else h
-            h, chunk = layer_forward(runner, h, values)
+                if getattr(runner.region, "keep_attention", False):
+                    attention = ctx.kept[i] = KeptAttention()
+            h, chunk = layer_forward(runner, h, values, attention)
             ctx.chunks.append(chunk)
         ctx.runners, ctx.reversal, ctx.updates, ctx.own = runners, reversal, updates, own
         ctx.others = [None if isinstance(t, torch.Tensor) else t for t in side]
@@ -69,8 +77,8 @@ class StreamLayers(torch.autograd.Function):
         side = [t if t is not None else o for t, o in zip(ctx.saved_tensors, ctx.others)]
         order = group_side(ctx.runners)
         walk = _Walk(ctx.runners, ctx.chunks, dict(zip(order, side)), ctx.states, ctx.updates,
-                     ctx.own)
-        ctx.states = None
+                     ctx.own, ctx.kept)
+        ctx.states = ctx.kept = None
         reversal: Reversal = ctx.reversal
         grad = walk.reverse(reversal, walk.states.pop(reversal.start), grad_out)
         return (None, None, None, None, None, grad, *(walk.totals.get(n) for n in order))
@@ -82,9 +90,12 @@ class _Walk:
 
     def __init__(self, runners: list[ChunkRunner], chunk_sizes: list[int],
                  values: dict[fx.Node, Any], states: dict[int, torch.Tensor],
-                 updates: list[RegionUpdates], own: list[set[fx.Node]]):
+                 updates: list[RegionUpdates], own: list[set[fx.Node]],
+                 kept: dict[int, KeptAttention]):
         self.runners, self.chunk_sizes, self.values, self.states = (
             runners, chunk_sizes, values, states)
+        self.kept = kept
+        """Attention outputs the forward kept, by layer; each dropped after its backward."""
         self.updates, self.own = updates, own
         self.totals: dict[fx.Node, torch.Tensor | None] = {}
 
@@ -96,7 +107,8 @@ class _Walk:
             runner = self.runners[part.start]
             layer_side = [self.values[n] for n in runner.region.side_inputs]
             grads = _layer_backward(runner, held(x), layer_side, grad,
-                                    self.chunk_sizes[part.start])
+                                    self.chunk_sizes[part.start],
+                                    self.kept.pop(part.start, None))
             # Under sequence parallelism: summed over the ranks before anything reads them.
             reduce_complete(runner, grads.side)
             # Its own weights' gradients are complete: update them (fused) or accumulate them
@@ -128,10 +140,11 @@ def group_side(runners: list[ChunkRunner]) -> list[fx.Node]:
     return order
 
 
-def layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, Any]
-                   ) -> tuple[torch.Tensor, int]:
+def layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, Any],
+                  attention: KeptAttention | None = None) -> tuple[torch.Tensor, int]:
     """A layer's output without autograd, and the chunk size its backward may use (the whole
-    length when a mask lets queries see later keys)."""
+    length when a mask lets queries see later keys). `attention` keeps the attention outputs
+    of a layer run in chunks for its backward."""
     region = runner.region
     whole = {n: values[n] for n in region.side_inputs}
     with torch.no_grad():
@@ -139,19 +152,24 @@ def layer_forward(runner: ChunkRunner, x: torch.Tensor, values: dict[fx.Node, An
         chunk = (region.chunk_size if _masks_causal(runner, whole) and chunkable(runner)
                  else runner.length)
         if _keys_values_once(runner, chunk):
-            out = _forward_in_chunks(runner, x, whole, chunk)
+            with _keeping(runner, attention):
+                out = _forward_in_chunks(runner, x, whole, chunk)
         else:
             out = runner.run(x, 0, runner.length, whole, keep=region.outputs)[region.outputs[0]]
     return out, chunk
 
 
 def _layer_backward(runner: ChunkRunner, x: torch.Tensor, side: list[Any],
-                    grad_out: torch.Tensor, chunk: int) -> RegionGrads:
+                    grad_out: torch.Tensor, chunk: int,
+                    attention: KeptAttention | None) -> RegionGrads:
     if _keys_values_once(runner, chunk):
         # Each chunk reads its rows of the output gradient before writing the same rows of
         # the input gradient: one buffer can hold both.
         grads = RegionGrads(runner, x, side, reusable=grad_out)
-        _backward_keys_values_once(grads, grad_out, chunk)
+        if attention is not None:
+            attention.recording = False
+        with _keeping(runner, attention):
+            _backward_keys_values_once(grads, grad_out, chunk)
     else:
         grads = RegionGrads(runner, x, side)
         _backward_prefix_per_chunk(grads, grad_out, chunk)
@@ -180,6 +198,16 @@ def _backward_prefix_per_chunk(grads: RegionGrads, grad_out: torch.Tensor, chunk
         # The chunk's weight gradients (a layer's worth) and output die here, not when the
         # next chunk's recompute reassigns them: else two chunks' are live at its peak.
         del found, out, x_part
+
+
+@contextlib.contextmanager
+def _keeping(runner: ChunkRunner, attention: KeptAttention | None) -> Iterator[None]:
+    """Route the runner's causal attention through `attention` (None: as usual) meanwhile."""
+    runner.kept = attention
+    try:
+        yield
+    finally:
+        runner.kept = None
 
 
 def _keys_values_once(runner: ChunkRunner, chunk: int) -> bool:

@@ -12,7 +12,8 @@ run eagerly, outside any graph. At the traced length, the step holds at once
   its gradient) and attention's keys and values;
 - in a backward, one more hidden state (a layer's output and input gradients share a buffer),
   attention's keys and values and their gradient sums (the kernel adds into those; float32
-  for half-precision keys and values).
+  for half-precision keys and values);
+- with `keep_attention`, each held layer's attention outputs and log-sum-exps.
 
 Every term is a bound on what the runtime holds, so the estimate sits above the measured peak
 (see BENCHMARKS.md, "StreamBP with a budget", for both side by side). A float budget is a fraction
@@ -54,12 +55,17 @@ class StreamMemory:
     """What one chunk of the head computes."""
     layers: int
     """Layers in the longest run of consecutive layers."""
+    kept_attention: int = 0
+    """The attention outputs and log-sum-exps one held layer keeps (`keep_attention`)."""
 
     def peak(self, checkpoints: int) -> int:
-        """The estimated peak when a run holds at most `checkpoints` layer inputs at once."""
+        """The estimated peak when a run holds at most `checkpoints` layer inputs at once (and
+        as many layers' kept attention outputs: only a layer whose input the forward keeps
+        keeps them)."""
         held = min(checkpoints, self.layers)
-        forward = (held + 2) * self.hidden + self.keys_values
-        backward = (held + 1) * self.hidden + self.keys_values + self.gradient_sums
+        kept = held * self.kept_attention
+        forward = (held + 2) * self.hidden + self.keys_values + kept
+        backward = (held + 1) * self.hidden + self.keys_values + self.gradient_sums + kept
         return (self.gradients + self.tables + max(self.layer_chunk, self.head_chunk)
                 + max(forward, backward))
 
@@ -82,6 +88,7 @@ def estimate(plan: Any, parameters: list[torch.Tensor], *, whole: bool = False) 
         layer_chunk=max((_chunk_bytes(r, plan, whole) for r in layers), default=0),
         head_chunk=_chunk_bytes(head, plan, whole) if head is not None else 0,
         layers=max((len(run) for run in plan.runs), default=0),
+        kept_attention=max((_kept_attention(r) for r in layers), default=0),
     )
 
 
@@ -111,6 +118,21 @@ def _keys_values(region: Any, widened: bool = False) -> int:
     return sum(_bytes(arg, widened) * gathered_copies(node) for node in region.nodes
                if node.target in SEQUENCE_ATTENTION_OPS
                for arg in node.args[1:3] if isinstance(arg, fx.Node) and arg in inside)
+
+
+def _kept_attention(region: Any) -> int:
+    """Bytes a layer keeps of its attention calls' outputs and log-sum-exps (float32 or
+    wider, `(B, H, T)`) when `region.keep_attention`."""
+    if not getattr(region, "keep_attention", False):
+        return 0
+    total = 0
+    for node in region.nodes:
+        out = node.meta.get("val") if node.target in SEQUENCE_ATTENTION_OPS else None
+        if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
+            batch, heads, length = out[0].shape[:3]
+            total += (out[0].numel() * out[0].element_size()
+                      + batch * heads * length * max(out[0].element_size(), 4))
+    return total
 
 
 def _tables(region: Any, plan: Any, whole: bool = False) -> int:
