@@ -11,7 +11,7 @@ max(1.5 × eager's own error in the same dtype, 1e-6)):
    in chunks of 1,024 with 2 layer inputs held, against eager, in bfloat16 (flash attention,
    grouped heads) and in float32 with equal head counts (memory-efficient attention), chunk
    bodies run op by op (`runtime="eager"`); and in bfloat16 with compiled chunk bodies
-   (`runtime="inductor"`).
+   (`runtime="inductor"`), also with attention outputs kept (`keep_attention`).
 
     python benchmarks/cuda_check.py
 
@@ -92,7 +92,8 @@ def check_model() -> bool:
     """One streamed training step against eager, per dtype, against a float64 reference."""
     ok = True
     for dtype, kv_heads, runtime in ((torch.bfloat16, 4, "eager"), (torch.float32, 16, "eager"),
-                                     (torch.bfloat16, 4, "inductor")):
+                                     (torch.bfloat16, 4, "inductor"),
+                                     (torch.bfloat16, 4, "inductor+keep")):
         config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816,
                              num_layers=4, num_heads=16, num_kv_heads=kv_heads)
         batch = make_batch(config, seq_len=4096, device="cuda")
@@ -102,7 +103,9 @@ def check_model() -> bool:
         model.load_state_dict({k: v.to(dtype) for k, v in reference.state_dict().items()})
         eager = _grads(model, lambda **b: model(**b).loss, batch)
         torch._dynamo.reset()
-        options = {"runtime": runtime, "stream": {"chunk_size": 1024, "checkpoints": 2}}
+        base, _, keep = runtime.partition("+")
+        options = {"runtime": base, "stream": {"chunk_size": 1024, "checkpoints": 2,
+                                               "keep_attention": keep == "keep"}}
         with memcompile.report.recording() as records:
             compiled = torch.compile(lambda **b: model(**b).loss, backend="memcompile",
                                      options=options)

@@ -3,10 +3,11 @@
 # lent GPU's time is short, about 15 minutes with its start):
 #   1. kernel and gradient checks (benchmarks/cuda_check.py): no timing of wrong gradients;
 #   2. wide in bfloat16 at 65,536 tokens: checkpointing, and StreamBP every input held
-#      (`stream`) and 2 held (`stream_c2`), each under the old runtime (`runtime="eager"`:
-#      chunk bodies op by op in Python, chunks of 1,024 tokens) and the new (the default
-#      Inductor runtime: compiled chunk bodies, `chunk_size="auto"`), side by side: peak, step
-#      time and kernel launches per step (`memcompile.measure_calls`);
+#      (`stream`) under the old runtime (`runtime="eager"`: chunk bodies op by op in Python,
+#      chunks of 1,024 tokens) and the new (the default Inductor runtime: compiled chunk
+#      bodies, `chunk_size="auto"`), the new also with attention outputs kept (`stream_keep`)
+#      and with 2 inputs held (`stream_c2`), side by side: peak, step time and kernel launches
+#      per step (`memcompile.measure_calls`);
 #   3. the offload plan against the recompute-only one, if `benchmarks/offload_cuda.py` exists.
 # Usage, from the repository root: OUT=<dir> bash benchmarks/cuda_speed.sh
 # Runs from the checkout with the machine's own torch (no install: the lent machine reaches no
@@ -25,7 +26,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
     | tee "$OUT/versions.txt"
 
 if [ "$DEVICE" = cuda ]; then
-    timeout 180 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
+    timeout 150 python3 benchmarks/cuda_check.py 2>&1 | grep -v Warning | tee "$OUT/check.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "cuda_check failed: no timing of wrong gradients"; exit 1; }
 fi
 
@@ -35,10 +36,11 @@ fi
 OUT=$(realpath "$OUT") ROOT=$(pwd) RUN=$(mktemp -d)
 BENCH="python3 -m memcompile.cli bench --model $MODEL --device $DEVICE --dtype $DTYPE --seq-lens $LENS --repeat 2"
 # One job at a time: the modes time the same GPU. Timeouts keep the whole under 10 minutes.
-(cd "$RUN" && timeout 170 $BENCH --modes checkpoint,stream,stream_c2 \
+(cd "$RUN" && timeout 140 $BENCH --modes checkpoint,stream \
     --options '{"runtime": "eager", "stream": {"chunk_size": 1024}}' \
-    --jobs 1 --timeout 160 --out "$OUT/old")
-(cd "$RUN" && timeout 230 $BENCH --modes stream,stream_c2 --jobs 1 --timeout 220 --out "$OUT/new")
+    --jobs 1 --timeout 130 --out "$OUT/old")
+(cd "$RUN" && timeout 300 $BENCH --modes stream,stream_keep,stream_c2 --jobs 1 --timeout 290 \
+    --out "$OUT/new")
 
 python3 - "$OUT" <<'PY' | tee "$OUT/speed.md"
 import json, sys

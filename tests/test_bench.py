@@ -138,6 +138,18 @@ def test_parse_functions_directly():
         parse_modes("")
 
 
+def test_stream_modes_and_their_keep_attention_twins():
+    from memcompile.bench.args import stream_options_of
+    assert parse_modes("stream,stream_keep,stream_c2_keep,stream_g2_keep") == [
+        "stream", "stream_keep", "stream_c2_keep", "stream_g2_keep"]
+    assert stream_options_of("stream_keep") == {"keep_attention": True}
+    assert stream_options_of("stream_c2_keep") == {"checkpoints": 2, "keep_attention": True}
+    for mode in ("stream_keep_keep", "inductor_keep", "stream_c0_keep"):
+        assert stream_options_of(mode) is None, mode
+        with pytest.raises(ValueError, match="unknown mode"):
+            parse_modes(mode)
+
+
 def test_parse_mc_budget_modes():
     modes = "eager,budget_0.5,mcbudget_0.5,mcbudget_1,mcbudget_280MiB,mcbudget_auto,mcbudget_none"
     assert parse_modes(modes) == modes.split(",")

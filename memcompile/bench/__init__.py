@@ -29,6 +29,8 @@ Modes:
 - `stream_c<c>`: StreamBP holding at most `c` layer inputs at once (`checkpoints` c), the others
   recomputed in the backward with the fewest layer forwards: what a numeric `memory_budget`
   picks under stream.
+- `stream_keep`, `stream_c<c>_keep`, `stream_g<g>_keep`: the same with `keep_attention` (held
+  layers keep attention's outputs; the backward skips attention's forward).
 - `mcbudget_<x>`: memcompile with `memory_budget` = x set over `--options`: a float in (0, 1]
   (a fraction of the save-everything plan's peak), bytes with a unit (`mcbudget_280MiB`: ask
   for the peak another mode reached), `auto` or `none` (`mcbudget_0.5`, `mcbudget_auto`). A

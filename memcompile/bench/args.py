@@ -16,7 +16,8 @@ FIXED_MODES = ("eager", "checkpoint", "inductor", "memcompile", "stream")
 DEFAULT_MODES = ("eager", "checkpoint", "inductor", "budget_0.5", "budget_0.0", "memcompile")
 VALID_MODES_TEXT = (
     "eager, checkpoint, inductor, memcompile, stream, stream_g<layers per saved input> "
-    "(e.g. stream_g2), stream_c<layer inputs held at once> (e.g. stream_c3), "
+    "(e.g. stream_g2), stream_c<layer inputs held at once> (e.g. stream_c3), any stream mode "
+    "with _keep (attention outputs kept, e.g. stream_keep, stream_c2_keep), "
     "budget_<float in [0, 1]> (e.g. budget_0.5), "
     "mcbudget_<float in (0, 1]>, mcbudget_<bytes with a unit> (e.g. mcbudget_280MiB), "
     "mcbudget_auto or mcbudget_none (e.g. mcbudget_0.5)"
@@ -97,7 +98,12 @@ def mc_budget_options(mode: str) -> dict[str, Any] | None:
 
 def stream_options_of(mode: str) -> dict[str, Any] | None:
     """The stream options of `stream` ({}), `stream_g<g>` (`layers_per_checkpoint` g) and
-    `stream_c<c>` (`checkpoints` c), or None for any other mode."""
+    `stream_c<c>` (`checkpoints` c), each with `keep_attention` when the mode ends in `_keep`,
+    or None for any other mode."""
+    if mode.endswith("_keep"):
+        base = stream_options_of(mode.removesuffix("_keep"))
+        return None if base is None or "keep_attention" in base else {**base,
+                                                                       "keep_attention": True}
     if mode == "stream":
         return {}
     if match := _STREAM_GROUP_RE.match(mode):
