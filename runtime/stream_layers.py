@@ -41,12 +41,13 @@ class StreamLayers(torch.autograd.Function):
     inputs at once than the reversal allows), and re-runs each layer, last first, chunk by chunk
     with autograd, summing the chunks' gradients. A layer whose input the forward keeps also
     keeps its attention outputs when its region asks (`region.keep_attention`,
-    `kept_attention`): its backward chunks then skip the attention forward. `side` holds every layer's side inputs, in
-    `group_side(runners)`'s order. `updates[i]`: the weights only layer `i` reads, updated by
-    their optimizer as soon as that layer's backward is done (`stream_fused`); the run returns
-    no gradient for them. `own[i]`: the weights only layer `i` reads, whose gradients reach
-    `.grad` as soon as that layer's backward is done (`stream_accumulate`). `rebuild`: makes
-    the run's input again, which is then not held (`stream_rebuild`); None holds it.
+    `kept_attention`): its backward chunks then skip the attention forward. `side` holds every
+    layer's side inputs, in `group_side(runners)`'s order. `updates[i]`: the weights only layer
+    `i` reads, updated by their optimizer as soon as that layer's backward is done
+    (`stream_fused`); the run returns no gradient for them. `own[i]`: the weights only layer
+    `i` reads, whose gradients reach `.grad` as soon as that layer's backward is done
+    (`stream_accumulate`). `rebuild`: makes the run's input again, which is then not held
+    (`stream_rebuild`); None holds it.
     """
 
     @staticmethod
