@@ -279,20 +279,19 @@ class ChunkRunner:
         mask = attention.call_mask(node.target, args, kwargs)
         if isinstance(mask, DocumentIds):
             return self._document_attention(node, args, kwargs, mask, first, end, sinks)
-        causal = attention.is_causal(node)
-        if not causal or (first == 0 and self.kept is None):
+        if not attention.is_causal(node) or (first == 0 and self.kept is None):
             return node.target(*args, **kwargs)
         q, k, v = args[:3]
         k_node, v_node = node.args[1:3]
         pair = (sinks[k_node], sinks[v_node]) if (
             sinks and k_node in sinks and v_node in sinks) else None
-        key_mask = attention.call_mask(node.target, args, kwargs)
+        # Any mask left here is over keys alone (`passes.key_mask`).
         if self.kept is not None:
             out, lse = self.kept.attend(node, q, k, v, first, end, kwargs.get("scale"), pair,
-                                        node.target, key_mask)
+                                        node.target, mask)
         else:
             out, lse = prefix_causal_attention(q, k, v, kwargs.get("scale"), pair,
-                                               node.target, key_mask)
+                                               node.target, mask)
         return (out, lse) + (None,) * (attention.LAYOUTS[node.target].outputs - 2)
 
     def _eager_attention(self, args: tuple, kwargs: dict, first: int, end: int) -> Any:
