@@ -20,6 +20,12 @@ Each prints one JSON line: the first step's seconds (compiles included), the med
 with the load), the calls of one step (`memcompile.measure_calls`: aten events plus Inductor's
 CPU kernels, compiled with kernel profiling on), the compiled bodies' counters, the allocator
 peak (`memcompile.measure`, optional) and the load averages before and after.
+
+`--rounds N` runs the list N times, each round starting one mode later, so that a drift in the
+machine's speed (a checkpointed step of `wide` at 8,192 tokens has read 82 to 104 s on the same
+machine) falls on every mode alike. Calls are counted in the first round only (they do not
+change). A last JSON line sums up: per mode, the median over rounds of its time divided by the
+first mode's in the same round.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ def _step_fn(mode: str, seq_len: int):
     return step
 
 
-def worker(mode: str, seq_len: int, repeat: int, peak: bool) -> dict:
+def worker(mode: str, seq_len: int, repeat: int, peak: bool, calls: bool = True) -> dict:
     import torch
 
     import memcompile
@@ -80,14 +86,15 @@ def worker(mode: str, seq_len: int, repeat: int, peak: bool) -> dict:
             step()
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        calls = count_calls(step, device="cpu")
+        counted = count_calls(step, device="cpu") if calls else None
         peak_bytes = (memcompile.measure(step, warmup=0, repeat=1, method="allocator").peak_bytes
                       if peak else None)
     return {"mode": mode, "seq_len": seq_len, "first_step_s": round(first, 2),
             "step_s": round(statistics.median(times), 2), "times": [round(t, 2) for t in times],
             "cpu_s": round(statistics.median(cpu), 2),
-            "aten": calls.aten, "kernels": calls.kernels, "calls": calls.calls,
-            "top": calls.top(12), "graphs": STATS.graphs, "kinds": STATS.kinds,
+            **({"aten": counted.aten, "kernels": counted.kernels, "calls": counted.calls,
+                "top": counted.top(12)} if counted else {}),
+            "graphs": STATS.graphs, "kinds": STATS.kinds,
             "segment_calls": STATS.calls, "fallbacks": STATS.fallbacks,
             "peak_bytes": peak_bytes, "threads": torch.get_num_threads(),
             "load_before": load_before, "load_after": os.getloadavg()}
@@ -100,22 +107,58 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--peak", action="store_true", help="also measure the allocator peak")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the modes this many times, interleaved (module docstring)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-calls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker, args.seq_len, args.repeat, args.peak)), flush=True)
+        print(json.dumps(worker(args.worker, args.seq_len, args.repeat, args.peak,
+                                calls=not args.no_calls)), flush=True)
         return
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, "--worker", mode, "--seq-len", str(args.seq_len),
-                   "--repeat", str(args.repeat)] + (["--peak"] if args.peak else []) + (
-                       ["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        print(lines[-1] if lines else json.dumps({"mode": mode, "error": out.stderr[-2000:]}),
-              flush=True)
+    modes = args.modes.split(",")
+    rows = []
+    for round_ in range(args.rounds):
+        for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
+            command = [sys.executable, __file__, "--worker", mode, "--seq-len",
+                       str(args.seq_len), "--repeat", str(args.repeat)] + (
+                           ["--peak"] if args.peak and round_ == 0 else []) + (
+                           ["--no-calls"] if round_ else []) + (
+                           ["--threads", str(args.threads)] if args.threads else [])
+            out = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            row = (json.loads(lines[-1]) if lines
+                   else {"mode": mode, "error": out.stderr[-2000:]})
+            row["round"] = round_
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.rounds > 1:
+        print(json.dumps({"summary": summarize(rows, modes[0])}), flush=True)
+
+
+def summarize(rows: list[dict], reference: str) -> dict:
+    """Per mode, the median over rounds of its step's wall and CPU seconds divided by
+    `reference`'s in the same round (a round without both is skipped), with the rounds'
+    ratios themselves."""
+    by_round: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            by_round.setdefault(row["round"], {})[row["mode"]] = row
+    summary = {}
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        ratios = {"wall": [], "cpu": []}
+        for found in by_round.values():
+            if mode in found and reference in found:
+                ratios["wall"].append(found[mode]["step_s"] / found[reference]["step_s"])
+                ratios["cpu"].append(found[mode]["cpu_s"] / found[reference]["cpu_s"])
+        summary[mode] = {f"{kind}_ratio": round(statistics.median(values), 3) if values else None
+                         for kind, values in ratios.items()}
+        summary[mode].update({f"{kind}_ratios": [round(v, 3) for v in values]
+                              for kind, values in ratios.items()})
+    return summary
 
 
 if __name__ == "__main__":
