@@ -39,6 +39,33 @@ import sys
 import time
 
 
+def parse_mode(mode: str) -> tuple[str, int | None, bool]:
+    """`(runtime, chunk tokens or None for "auto", keep_attention)` of a streamed mode
+    ("compiled+keep:2048": the Inductor runtime, chunks of 2,048 tokens, attention outputs
+    kept); `checkpoint` is not one. Raises ValueError naming the valid forms."""
+    base, _, chunk = mode.partition(":")
+    base, plus, keep = base.partition("+")
+    if (base not in ("loop", "compiled") or (plus and keep != "keep")
+            or (chunk and not (chunk.isdigit() and int(chunk) > 0))):
+        raise ValueError(f"unknown mode {mode!r}; valid: checkpoint, or loop / compiled, "
+                         "optionally followed by +keep and by :<chunk tokens>, e.g. "
+                         "compiled+keep:4096")
+    return base, int(chunk) if chunk else None, bool(plus)
+
+
+def check_modes(parser: argparse.ArgumentParser, modes: str) -> list[str]:
+    """The comma-separated `modes`, each checked before any process starts (a bad one exits
+    through `parser.error` with `parse_mode`'s message)."""
+    listed = modes.split(",")
+    for mode in listed:
+        if mode != "checkpoint":
+            try:
+                parse_mode(mode)
+            except ValueError as error:
+                parser.error(str(error))
+    return listed
+
+
 def _step_fn(mode: str, seq_len: int):
     import torch
 
@@ -51,11 +78,8 @@ def _step_fn(mode: str, seq_len: int):
         model.enable_gradient_checkpointing()
         call = lambda: model(**batch).loss  # noqa: E731
     else:
-        # "compiled+keep:2048": chunks of 2,048 tokens instead of chunk_size="auto", and
-        # attention outputs kept.
-        base, _, chunk = mode.partition(":")
-        base, _, keep = base.partition("+")
-        stream = {"chunk_size": int(chunk) if chunk else "auto", "keep_attention": keep == "keep"}
+        base, chunk, keep = parse_mode(mode)
+        stream = {"chunk_size": chunk or "auto", "keep_attention": keep}
         options = {"stream": stream, "runtime": "eager" if base == "loop" else "inductor"}
         loss = torch.compile(lambda b: model(**b).loss, backend="memcompile", options=options)
         call = lambda: loss(batch)  # noqa: E731
@@ -119,24 +143,31 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.seq_len, args.repeat, args.peak,
                                 calls=not args.no_calls)), flush=True)
         return
-    modes = args.modes.split(",")
+    modes = check_modes(parser, args.modes)
     rows = []
     for round_ in range(args.rounds):
         for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
-            command = [sys.executable, __file__, "--worker", mode, "--seq-len",
-                       str(args.seq_len), "--repeat", str(args.repeat)] + (
-                           ["--peak"] if args.peak and round_ == 0 else []) + (
-                           ["--no-calls"] if round_ else []) + (
-                           ["--threads", str(args.threads)] if args.threads else [])
-            out = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            row = (json.loads(lines[-1]) if lines
-                   else {"mode": mode, "error": out.stderr[-2000:]})
+            row = run_worker(__file__, mode, ["--seq-len", str(args.seq_len), "--repeat",
+                                              str(args.repeat)] + (
+                ["--peak"] if args.peak and round_ == 0 else []) + (
+                ["--no-calls"] if round_ else []) + (
+                ["--threads", str(args.threads)] if args.threads else []))
             row["round"] = round_
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.rounds > 1:
         print(json.dumps({"summary": summarize(rows, modes[0])}), flush=True)
+
+
+def run_worker(script: str, mode: str, arguments: list[str]) -> dict:
+    """Run `script --worker mode *arguments` in a fresh process and return the JSON object it
+    printed last, or a row with the end of its stderr if it printed none."""
+    from memcompile.bench.launch import _last_json_line
+
+    out = subprocess.run([sys.executable, script, "--worker", mode, *arguments],
+                         capture_output=True, text=True)
+    row = _last_json_line(out.stdout)
+    return row if row is not None else {"mode": mode, "error": out.stderr[-2000:]}
 
 
 def summarize(rows: list[dict], reference: str) -> dict:

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import subprocess
-import sys
 import time
 
-from chunk_bodies import _step_fn
+from chunk_bodies import _step_fn, check_modes, run_worker
 
 
 def worker(mode: str, seq_len: int, top: int) -> dict:
@@ -68,13 +66,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.seq_len, args.top)), flush=True)
         return
-    for mode in args.modes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--worker", mode, "--seq-len",
-                              str(args.seq_len), "--top", str(args.top)],
-                             capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        print(lines[-1] if lines else json.dumps({"mode": mode, "error": out.stderr[-2000:]}),
-              flush=True)
+    for mode in check_modes(parser, args.modes):
+        row = run_worker(__file__, mode, ["--seq-len", str(args.seq_len), "--top", str(args.top)])
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
